@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ziya_jax",
+    version="0.1.0",
+    description="Ziya-Visual (EVA ViT + BLIP-2 Q-Former + LLaMA with LoRA) in JAX/Flax",
+    packages=find_packages(include=["ziya_jax", "ziya_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "grain>=0.2.18",
+        "tensorflow-datasets>=4.9.10",
+        "sentencepiece>=0.2.0",
+        "ml-collections>=1.1.0",
+        "einops>=0.8",
+        "numpy>=2.0",
+        "pillow>=11",
+        "safetensors>=0.6",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # Ground truth for the tests: transformers (PyTorch, CPU) on the same weights.
+        "dev": ["pytest>=8", "torch==2.13.0", "transformers>=5.23,<6"],
+    },
+)

@@ -1,0 +1,123 @@
+"""Reading and writing Hugging Face weight directories (safetensors, optionally sharded with an index)."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import tempfile
+from typing import Mapping
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.flax import save_file
+
+from ziya_jax.convert.hf import ConversionError
+
+INDEX = "model.safetensors.index.json"
+
+
+def read_config(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ConversionError(f"no config.json in {directory}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_tensors(directory: str, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """All tensors of a HF directory. Safetensors only, unless allow_pickle: then `.bin` files are read with
+    torch.load(weights_only=True), which refuses arbitrary pickled objects."""
+    if not os.path.isdir(directory):
+        raise ConversionError(f"{directory} is not a directory")
+    index = os.path.join(directory, INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(directory, name) for name in files]
+    else:
+        files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if files:
+        tensors = {}
+        for path in files:
+            if not os.path.isfile(path):
+                raise ConversionError(f"{index} names {os.path.basename(path)}, which is missing")
+            with safe_open(path, framework="flax") as f:
+                for key in f.keys():
+                    tensors[key] = np.asarray(f.get_tensor(key))
+        return tensors
+    pickles = sorted(glob.glob(os.path.join(directory, "*.bin")))
+    if not pickles:
+        raise ConversionError(f"no *.safetensors (or *.bin) weights in {directory}")
+    if not allow_pickle:
+        raise ConversionError(f"{directory} holds only pickle weights ({', '.join(map(os.path.basename, pickles))}); "
+                              "pickles can run code when loaded. Convert them to safetensors, or pass "
+                              "--allow-pickle to read them with torch.load(weights_only=True).")
+    import torch  # only for this explicitly requested path
+
+    tensors = {}
+    for path in pickles:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        tensors.update({k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()})
+    return tensors
+
+
+def apply_llama_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ziya-LLaMA's published delta: target = base + delta for every tensor, except the (vocab-extended)
+    embed_tokens and lm_head, which are taken from the delta alone; rotary inv_freq buffers are dropped."""
+    out, problems = {}, []
+    for key, d in delta.items():
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        if "embed_tokens" in key or "lm_head" in key:
+            out[key] = d
+        elif key not in base:
+            problems.append(f"{key}: in the delta, not in the base")
+        elif base[key].shape != d.shape:
+            problems.append(f"{key}: base {base[key].shape} vs delta {d.shape}")
+        else:
+            out[key] = (base[key].astype(np.float32) + d.astype(np.float32)).astype(d.dtype)
+    problems += [f"{k}: in the base, not in the delta" for k in base
+                 if k not in delta and not k.endswith("rotary_emb.inv_freq")]
+    if problems:
+        raise ConversionError("base and delta LLaMA do not match:\n  " + "\n  ".join(sorted(problems)))
+    return out
+
+
+def write_hf_dir(directory: str, tensors: Mapping[str, np.ndarray], config: dict,
+                 max_shard_bytes: int = 5 * 2 ** 30) -> None:
+    """config.json + safetensors (sharded with an index beyond max_shard_bytes), written to a temporary
+    directory first and moved into place, so a failure leaves nothing half-written."""
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory):
+        raise ConversionError(f"{directory} exists; choose a new output directory")
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        shards, current, size = [], {}, 0
+        for key in sorted(tensors):
+            nbytes = tensors[key].nbytes
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[key] = tensors[key]
+            size += nbytes
+        shards.append(current)
+        if len(shards) == 1:
+            save_file(dict(shards[0]), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(dict(shard), os.path.join(tmp, name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(t.nbytes for t in tensors.values())
+            with open(os.path.join(tmp, INDEX), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

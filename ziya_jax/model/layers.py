@@ -1,0 +1,193 @@
+"""The primitives every model part shares: one Dense (with logical axes and optional LoRA), norms, attention,
+RoPE, and the scan/remat wrapper for layer stacks."""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ziya_jax.config import LoraConfig
+
+Dtype = Any
+default_init = nn.initializers.normal(0.02)
+
+
+def logical(init: Callable, axes: tuple) -> Callable:
+    """An initializer whose parameter carries logical axis names (mapped to mesh axes by the config's rules)."""
+    return nn.with_logical_partitioning(init, axes)
+
+
+def lora_applies(lora: LoraConfig, path: tuple[str, ...]) -> bool:
+    return lora.rank > 0 and any(re.fullmatch(t, "/".join(path)) for t in lora.targets)
+
+
+class Dense(nn.Module):
+    """The one linear layer of ViT, Q-Former, projection and LLM.
+
+    kernel [in, out] (the transpose of torch's weight); `axes` are its logical axis names. If the config's LoRA
+    targets match this module's path, a low-rank update (lora_a [in, r], lora_b [r, out], B zero-initialised) is
+    added: y = x W + b + (alpha / r) * dropout(x) A B.
+    """
+    features: int
+    axes: tuple[str | None, str | None]
+    use_bias: bool = True
+    lora: LoraConfig = LoraConfig()
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = default_init
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", logical(self.kernel_init, self.axes), (in_features, self.features),
+                            self.param_dtype)
+        x = x.astype(self.dtype)
+        y = jnp.einsum("...i,io->...o", x, kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", logical(nn.initializers.zeros, self.axes[1:]), (self.features,),
+                              self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        if lora_applies(self.lora, self.scope.path):
+            r = self.lora.rank
+            a = self.param("lora_a", logical(nn.initializers.normal(1.0 / r), (self.axes[0], None)),
+                           (in_features, r), self.param_dtype)
+            b = self.param("lora_b", logical(nn.initializers.zeros, (None, self.axes[1])), (r, self.features),
+                           self.param_dtype)
+            h = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
+            y = y + (h @ a.astype(self.dtype) @ b.astype(self.dtype)) * (self.lora.alpha / r)
+        return y
+
+
+def _lora_update(node, scale):
+    return jnp.einsum("...ir,...ro->...io", node["lora_a"], node["lora_b"]) * scale
+
+
+def merge_lora(params, lora: LoraConfig):
+    """Fold every LoRA update into its base kernel and drop the adapters (what an export needs)."""
+    scale = lora.alpha / max(lora.rank, 1)
+
+    def visit(node):
+        if not isinstance(node, dict):
+            return node
+        node = {k: visit(v) for k, v in node.items()}
+        if "lora_a" in node:
+            kernel = node["kernel"]
+            node["kernel"] = (kernel + _lora_update(node, scale)).astype(kernel.dtype)
+            del node["lora_a"], node["lora_b"]
+        return node
+
+    return visit(params)
+
+
+def lora_adapters(params):
+    """The LoRA leaves alone (nested dicts holding only lora_a/lora_b), to keep beside a merged copy."""
+    def visit(node):
+        if not isinstance(node, dict):
+            return None
+        if "lora_a" in node:
+            return {"lora_a": node["lora_a"], "lora_b": node["lora_b"]}
+        kept = {k: v for k, v in ((k, visit(v)) for k, v in node.items()) if v is not None}
+        return kept or None
+
+    return visit(params) or {}
+
+
+def unmerge_lora(merged, adapters, lora: LoraConfig):
+    """Inverse of merge_lora: subtract each adapter's update from its kernel and put the adapter back."""
+    scale = lora.alpha / max(lora.rank, 1)
+
+    def visit(node, ad):
+        if "lora_a" in ad:
+            kernel = node["kernel"]
+            return {**node, **ad, "kernel": (kernel - _lora_update(ad, scale)).astype(kernel.dtype)}
+        return {k: visit(v, ad[k]) if k in ad else v for k, v in node.items()}
+
+    return visit(merged, adapters)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with torch's two-pass variance (so converted models match), statistics in float32."""
+    epsilon: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", logical(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
+        bias = self.param("bias", logical(nn.initializers.zeros, ("norm",)), (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """LLaMA's RMSNorm: normalise in float32, cast back, then scale (the HF order of operations)."""
+    epsilon: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", logical(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.epsilon)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+def attention(q, k, v, mask=None, dropout_rng=None, dropout_rate: float = 0.0):
+    """Softmax attention with grouped-query support.
+
+    q [B, T, H, D]; k, v [B, S, K, D] with H a multiple of K; mask bool, broadcastable to [B, T, S], True where a
+    query may attend. Logits and softmax in float32; a fully masked row gives zeros, not NaN.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * d ** -0.5
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (b, t, k.shape[1]))[:, None, None]
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:
+        probs = jnp.where(mask, probs, 0.0)
+    if dropout_rng is not None and dropout_rate > 0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+    return out.reshape(b, t, h, d)
+
+
+def rotary(x, positions, theta: float):
+    """RoPE in the HF rotate_half layout: x [B, T, H, D], positions [B, T] (ints)."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def scan_layers(block: type[nn.Module], length: int, remat_policy: str, in_axes: tuple, static_argnums=()):
+    """A layer stack as one scanned module: parameters gain a leading 'layers' axis, compile time stays flat.
+
+    The block is called as block(carry, *args) -> (carry, per_layer_output); `in_axes` gives, for each of
+    args, 0 (scanned, e.g. a per-layer KV cache) or nn.broadcast.
+    """
+    if remat_policy != "none":
+        block = nn.remat(block, policy=_REMAT[remat_policy], prevent_cse=False, static_argnums=static_argnums)
+    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=in_axes, length=length, metadata_params={nn.PARTITION_NAME: "layers"})

@@ -1,0 +1,121 @@
+"""Ziya-Visual: ViT -> Q-Former -> projection -> LLaMA.
+
+Images enter the LLM where their placeholders are: the text holds `num_query_tokens` copies of
+`image_token_id` per image, and the i-th run of placeholders in a row receives that row's i-th image (as
+transformers' Blip2/InstructBlip do with masked_scatter). Base feeds the Q-Former the learned queries alone;
+Chat also feeds it the instruction text, and only the query outputs go on to the projection.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ziya_jax.config import ModelConfig
+from ziya_jax.model.layers import Dense, default_init, logical
+from ziya_jax.model.llama import Llama
+from ziya_jax.model.qformer import QFormer
+from ziya_jax.model.vit import VisionTransformer
+
+
+def default_positions(attention_mask):
+    """RoPE positions counted over valid tokens only, so left padding does not shift a row."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class ZiyaVisual(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        common = dict(lora=cfg.lora, dtype=dtype, param_dtype=param_dtype, remat_policy=cfg.remat_policy)
+        self.vision_model = VisionTransformer(cfg.vision, **common)
+        self.qformer = QFormer(cfg.qformer, **common)
+        self.query_tokens = self.param("query_tokens", logical(default_init, (None, None, "embed")),
+                                       (1, cfg.num_query_tokens, cfg.qformer.width), param_dtype)
+        self.language_projection = Dense(cfg.llm.width, ("qformer_embed", "embed"), lora=cfg.lora, dtype=dtype,
+                                         param_dtype=param_dtype)
+        self.language_model = Llama(cfg.llm, **common)
+        if cfg.qformer.pretrain_heads:
+            head = lambda n, axes: Dense(n, axes, lora=cfg.lora, dtype=dtype, param_dtype=param_dtype)
+            self.vision_proj = head(cfg.qformer.embed_dim, ("embed", None))
+            self.text_proj = head(cfg.qformer.embed_dim, ("embed", None))
+            self.itm_head = head(2, ("embed", None))
+            self.temp = self.param("temp", nn.initializers.constant(0.07), (), jnp.float32)
+
+    def encode_images(self, pixel_values, qformer_ids=None, qformer_mask=None, deterministic: bool = True):
+        """pixel_values [B, N, H, W, 3] (normalised) -> LLM-ready image embeddings [B, N * Q, llm width].
+        For Chat, qformer_ids/qformer_mask [B, T] is each row's instruction, shared by the row's images."""
+        b, n = pixel_values.shape[:2]
+        image_embeds = self.vision_model(pixel_values.reshape(b * n, *pixel_values.shape[2:]), deterministic)
+        queries = jnp.broadcast_to(self.query_tokens, (b * n, *self.query_tokens.shape[1:]))
+        if self.cfg.variant == "chat":
+            if qformer_ids is None:
+                raise ValueError("the Chat variant needs qformer_ids (the instruction in Q-Former tokens)")
+            qformer_ids = jnp.repeat(qformer_ids, n, axis=0)
+            qformer_mask = None if qformer_mask is None else jnp.repeat(qformer_mask, n, axis=0)
+        else:
+            qformer_ids = qformer_mask = None
+        hidden = self.qformer(queries, qformer_ids, qformer_mask, image_embeds, "bidirectional", deterministic)
+        features = self.language_projection(hidden[:, : self.cfg.num_query_tokens], deterministic)
+        return features.reshape(b, n * self.cfg.num_query_tokens, -1)
+
+    def embed_inputs(self, input_ids, image_features=None):
+        """Token embeddings with the image placeholders replaced, in order, by image_features [B, M, W]."""
+        embeds = self.language_model.embed(input_ids)
+        if image_features is None:
+            return embeds
+        is_image = input_ids == self.cfg.image_token_id
+        index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image_features.shape[1] - 1)
+        gathered = jnp.take_along_axis(image_features, index[..., None], axis=1)
+        return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
+
+    def language(self, embeds, positions, key_mask, cache=None, cache_index=None, deterministic: bool = True):
+        """The LLM alone on embeddings (prefill and cached decode steps)."""
+        return self.language_model(embeds, positions, key_mask, cache, cache_index, deterministic)
+
+    def __call__(self, input_ids, attention_mask, pixel_values=None, qformer_ids=None, qformer_mask=None,
+                 positions=None, deterministic: bool = True):
+        """Full forward -> logits [B, T, vocab] (float32)."""
+        features = None
+        if pixel_values is not None:
+            features = self.encode_images(pixel_values, qformer_ids, qformer_mask, deterministic)
+        embeds = self.embed_inputs(input_ids, features)
+        if positions is None:
+            positions = default_positions(attention_mask)
+        logits, _ = self.language(embeds, positions, attention_mask, deterministic=deterministic)
+        return logits
+
+    def initialize(self, input_ids, pixel_values, qformer_ids):
+        """Touches every parameter (init only): the forward pass plus the stage-1 heads when configured."""
+        logits = self(input_ids, jnp.ones_like(input_ids), pixel_values, qformer_ids)
+        if self.cfg.qformer.pretrain_heads:
+            hidden = self.qformer(None, qformer_ids, None, None)
+            logits = logits.sum() + self.qformer.text_logits(hidden).sum() + self.temp
+            logits += self.vision_proj(hidden).sum() + self.text_proj(hidden).sum() + self.itm_head(hidden).sum()
+        return logits
+
+
+def dummy_inputs(cfg: ModelConfig, batch: int = 1, text_len: int = 4):
+    """Smallest inputs that reach every parameter (for init and eval_shape)."""
+    size = cfg.vision.image_size
+    input_ids = jnp.full((batch, cfg.num_query_tokens + text_len), cfg.image_token_id, jnp.int32)
+    input_ids = input_ids.at[:, cfg.num_query_tokens:].set(0)
+    pixels = jnp.zeros((batch, 1, size, size, 3), jnp.float32)
+    qformer_ids = jnp.zeros((batch, text_len), jnp.int32) if cfg.qformer.text_branch else None
+    return input_ids, pixels, qformer_ids
+
+
+def init_params(cfg: ModelConfig, rng):
+    """Unboxed parameters (plain nested dicts of arrays); see ziya_jax.sharding for sharded init."""
+    model = ZiyaVisual(cfg)
+    variables = model.init(rng, *dummy_inputs(cfg), method=ZiyaVisual.initialize)
+    return nn.meta.unbox(variables["params"])
+
+
+def abstract_params(cfg: ModelConfig):
+    """ShapeDtypeStructs of every parameter, boxed with their logical axis names; nothing is allocated."""
+    model = ZiyaVisual(cfg)
+    return jax.eval_shape(lambda r: model.init(r, *dummy_inputs(cfg), method=ZiyaVisual.initialize),
+                          jax.random.key(0))["params"]
