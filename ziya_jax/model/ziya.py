@@ -110,8 +110,8 @@ def dummy_inputs(cfg: ModelConfig, batch: int = 1, text_len: int = 4):
 def init_params(cfg: ModelConfig, rng):
     """Unboxed parameters (plain nested dicts of arrays); see ziya_jax.sharding for sharded init."""
     model = ZiyaVisual(cfg)
-    variables = model.init(rng, *dummy_inputs(cfg), method=ZiyaVisual.initialize)
-    return nn.meta.unbox(variables["params"])
+    init = jax.jit(lambda r: model.init(r, *dummy_inputs(cfg), method=ZiyaVisual.initialize)["params"])
+    return nn.meta.unbox(init(rng))
 
 
 def abstract_params(cfg: ModelConfig):

@@ -1,0 +1,158 @@
+"""Properties of the modules: bf16 vs f32, KV cache, LoRA, remat, Q-Former attention modes, positions."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ziya_jax.config import ModelConfig, load_config
+from ziya_jax.model import ZiyaVisual, abstract_params, default_positions, init_params
+from ziya_jax.model.layers import lora_adapters, merge_lora, unmerge_lora
+from ziya_jax.model.llama import init_cache
+from ziya_jax.model.qformer import QFormer
+from ziya_jax.model.vit import VisionTransformer
+
+
+def tiny(arg="variant=chat,stage=3", **changes):
+    cfg = ModelConfig.from_dict(load_config(f"configs/tiny.py:{arg}").model.to_dict())
+    return dataclasses.replace(cfg, **changes)
+
+
+def inputs(cfg, batch=2, text=6, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 120, (batch, cfg.num_query_tokens + text)).astype(np.int32)
+    ids[:, :cfg.num_query_tokens] = cfg.image_token_id
+    mask = np.ones_like(ids)
+    mask[-1, -2:] = 0
+    pixels = rng.normal(size=(batch, 1, 28, 28, 3)).astype(np.float32)
+    qids = rng.integers(1, 90, (batch, 5)).astype(np.int32)
+    return tuple(map(jnp.asarray, (ids, mask, pixels, qids, np.ones_like(qids))))
+
+
+def perturbed_params(cfg, seed=0):
+    """Random values for every parameter (LoRA B included, norm scales near 1), so every parameter matters.
+    Drawn with numpy from the abstract shapes: no init to compile."""
+    rng = np.random.default_rng(seed)
+    abstract = nn.meta.unbox(abstract_params(cfg))
+    draw = lambda path, a: jnp.asarray(rng.normal(0.0, 0.2, a.shape).astype(a.dtype)
+                                       + ("scale" in jax.tree_util.keystr(path)))
+    return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def logits(cfg, params, args):
+    return np.asarray(jax.jit(ZiyaVisual(cfg).apply)({"params": params}, *args))
+
+
+def test_bf16_compute_close_to_f32():
+    cfg = tiny()
+    params = perturbed_params(cfg)
+    args = inputs(cfg)
+    f32 = logits(cfg, params, args)
+    bf16 = logits(dataclasses.replace(cfg, dtype="bfloat16"), params, args)
+    valid = np.asarray(args[1]).astype(bool)
+    err = np.abs(bf16 - f32)[valid].max() / np.abs(f32[valid]).max()
+    # Stated tolerance: bf16 compute (f32 params, f32 softmax/norm statistics) within 3% of the logit scale.
+    assert err < 0.03, err
+    assert err > 0  # bf16 was really used
+
+
+def test_kv_cache_decode_equals_full_forward():
+    cfg = tiny()
+    params = perturbed_params(cfg)
+    model = ZiyaVisual(cfg)
+    ids, _, pixels, qids, qmask = inputs(cfg, text=8)
+    # Left-pad row 0 by two tokens: positions count valid tokens only, so its logits must not change.
+    ids = ids.at[0].set(jnp.concatenate([jnp.zeros(2, ids.dtype), ids[0, :-2]]))
+    mask = jnp.ones_like(ids).at[0, :2].set(0)
+    full = model.apply({"params": params}, ids, mask, pixels, qids, qmask)
+
+    def step(p, ids, mask, pixels, qids, qmask, cache, index, feats):
+        embeds = model.apply({"params": p}, ids, feats, method=ZiyaVisual.embed_inputs)
+        positions = default_positions(mask)[:, index:index + ids.shape[1]]
+        return model.apply({"params": p}, embeds, positions, mask, cache, index, method=ZiyaVisual.language)
+
+    feats = model.apply({"params": params}, pixels, qids, qmask, method=ZiyaVisual.encode_images)
+    total = ids.shape[1]
+    prompt = total - 3
+    cache = init_cache(cfg.llm, ids.shape[0], total)
+    out, cache = step(params, ids[:, :prompt], mask, pixels, qids, qmask, cache, 0, feats)
+    pieces = [out]
+    for t in range(prompt, total):
+        out, cache = step(params, ids[:, t:t + 1], mask, pixels, qids, qmask, cache, t, feats)
+        pieces.append(out)
+    cached = jnp.concatenate(pieces, axis=1)
+    np.testing.assert_allclose(np.asarray(cached)[:, 2:], np.asarray(full)[:, 2:], atol=1e-5)
+
+    # Row 0 left-padded gives the same logits as the same tokens unpadded.
+    alone = model.apply({"params": params}, ids[:1, 2:], mask[:1, 2:], pixels[:1], qids[:1], qmask[:1])
+    np.testing.assert_allclose(np.asarray(full)[0, 2:], np.asarray(alone)[0], atol=1e-5)
+
+
+def test_lora_targets_zero_init_and_merge():
+    cfg = tiny()
+    plain_cfg = tiny("variant=chat,stage=2")
+    params = init_params(cfg, jax.random.key(0))
+    adapters = lora_adapters(params)
+    paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(adapters)}
+    assert paths == {f"['{top}']['layers']['self_attn']['{m}']['{ab}']"
+                     for top, mods in (("vision_model", ("qkv", "projection")),
+                                       ("language_model", ("q_proj", "v_proj")))
+                     for m in mods for ab in ("lora_a", "lora_b")}
+    assert not np.any(np.asarray(params["language_model"]["layers"]["self_attn"]["q_proj"]["lora_b"]))
+
+    args = inputs(cfg)
+    base = merge_lora(params, cfg.lora)  # B = 0: merging changes nothing, and drops the adapters
+    np.testing.assert_allclose(logits(cfg, params, args), logits(plain_cfg, base, args), atol=1e-6)
+
+    params = perturbed_params(cfg)
+    merged = merge_lora(params, cfg.lora)
+    np.testing.assert_allclose(logits(plain_cfg, merged, args), logits(cfg, params, args), atol=1e-4)
+    restored = unmerge_lora(merged, lora_adapters(params), cfg.lora)
+    for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_gives_same_loss_and_grads(policy):
+    cfg = tiny()
+    params = perturbed_params(cfg)
+    args = inputs(cfg)
+
+    def loss(c):
+        return lambda p: ZiyaVisual(c).apply({"params": p}, *args).std()
+
+    ref_loss, ref_grad = jax.jit(jax.value_and_grad(loss(cfg)))(params)
+    got_loss, got_grad = jax.jit(jax.value_and_grad(loss(dataclasses.replace(cfg, remat_policy=policy))))(params)
+    np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(got_grad), jax.tree_util.tree_leaves(ref_grad)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_qformer_attention_modes():
+    cfg = tiny("stage=1")
+    qf = QFormer(cfg.qformer)
+    queries = jax.random.normal(jax.random.key(0), (1, 4, 32))
+    image = jax.random.normal(jax.random.key(1), (1, 5, 32))
+    text = jnp.array([[5, 6, 7, 8, 9]])
+    variables = qf.init(jax.random.key(2), queries, text, None, image)
+    run = lambda t, mode: np.asarray(qf.apply(variables, queries, t, None, image, mode))
+    changed = text.at[0, 3].set(42)
+    for mode in ("bidirectional", "causal_text"):
+        diff = np.abs(run(changed, mode) - run(text, mode)).max(-1)[0]
+        if mode == "bidirectional":  # everything sees the changed token
+            assert (diff > 1e-6).all()
+        else:  # queries and earlier text do not; the token itself and later text do
+            assert (diff[:4 + 3] == 0).all() and (diff[4 + 3:] > 1e-6).all()
+    # Text alone (ITC's text side) needs neither queries nor an image.
+    assert qf.apply(variables, None, text, None, None).shape == (1, 5, 32)
+    with pytest.raises(ValueError, match="attention mode"):
+        run(text, "sideways")
+
+
+def test_vit_interpolates_positions_for_other_sizes():
+    cfg = tiny()
+    vit = VisionTransformer(cfg.vision)
+    variables = vit.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)))
+    assert vit.apply(variables, jnp.zeros((2, 42, 42, 3))).shape == (2, 1 + 9, 32)

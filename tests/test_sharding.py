@@ -1,0 +1,64 @@
+"""Parameters sharded over a (data=2, fsdp=2, tensor=2) mesh of 8 forced CPU devices, same forward."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ziya_jax.config import ModelConfig, load_config
+from ziya_jax.model import ZiyaVisual, init_params
+from ziya_jax.sharding import DEFAULT_RULES, batch_sharding, init_sharded, make_mesh
+
+
+def test_make_mesh_fills_minus_one_and_rejects_bad_shapes():
+    assert dict(make_mesh((2, -1, 2)).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    for bad in [(3, 1, 1), (-1, -1, 2), (2, 2)]:
+        try:
+            make_mesh(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"mesh {bad} accepted")
+
+
+def test_sharded_forward_matches_single_device():
+    assert jax.device_count() == 8
+    cfg = ModelConfig.from_dict(load_config("configs/tiny.py:variant=chat,stage=3").model.to_dict())
+    mesh = make_mesh((2, 2, 2))
+    params = init_sharded(cfg, jax.random.key(0), mesh)
+
+    q = params["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]  # [layers, embed, heads]
+    assert q.sharding.spec == P(None, "fsdp", "tensor")
+    assert q.addressable_shards[0].data.shape == (2, 16, 16)
+    emb = params["language_model"]["embed_tokens"]["embedding"]  # [vocab, embed]
+    assert emb.sharding.spec == P("tensor", "fsdp")
+    lora_a = params["language_model"]["layers"]["self_attn"]["q_proj"]["lora_a"]
+    assert lora_a.sharding.spec == P(None, "fsdp", None)
+
+    # Non-zero LoRA B so the adapters take part in the comparison.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.05 if "lora_b" in jax.tree_util.keystr(path) else x, params)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 120, (4, 12)).astype(np.int32)
+    ids[:, :4] = cfg.image_token_id
+    mask = np.ones_like(ids)
+    mask[1, 9:] = 0
+    pixels = rng.normal(size=(4, 1, 28, 28, 3)).astype(np.float32)
+    qids = rng.integers(1, 90, (4, 5)).astype(np.int32)
+    inputs = (ids, mask, pixels, qids, np.ones_like(qids))
+
+    model = ZiyaVisual(cfg)
+    single = jax.device_put(params, jax.devices()[0])
+    expected = jax.jit(model.apply)({"params": single}, *map(jnp.asarray, inputs))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        sharded_inputs = [jax.device_put(x, batch_sharding(mesh, x.ndim)) for x in inputs]
+        got = jax.jit(model.apply)({"params": params}, *sharded_inputs)
+    assert isinstance(got.sharding, NamedSharding)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=0)
+
+
+def test_sharded_init_equals_plain_init():
+    cfg = ModelConfig.from_dict(load_config("configs/tiny.py").model.to_dict())
+    sharded = init_sharded(cfg, jax.random.key(3), make_mesh((2, 2, 2)))
+    plain = init_params(cfg, jax.random.key(3))
+    for a, b in zip(jax.tree_util.tree_leaves(sharded), jax.tree_util.tree_leaves(plain)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7)
