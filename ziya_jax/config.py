@@ -86,6 +86,8 @@ class ModelConfig:
             raise ValueError(f"model.variant must be 'base' or 'chat', got {self.variant!r}")
         if self.variant == "chat" and not self.qformer.text_branch:
             raise ValueError("model.variant='chat' needs model.qformer.text_branch=True (the instruction enters the Q-Former)")
+        if self.qformer.pretrain_heads and not self.qformer.text_branch:
+            raise ValueError("model.qformer.pretrain_heads needs model.qformer.text_branch (ITC/ITG read text)")
         if self.qformer.depth % self.qformer.cross_attention_frequency:
             raise ValueError(f"qformer.depth={self.qformer.depth} must be a multiple of "
                              f"cross_attention_frequency={self.qformer.cross_attention_frequency}")

@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ziya_jax.config import ModelConfig
-from ziya_jax.model.ziya import ZiyaVisual, dummy_inputs
+from ziya_jax.model.ziya import ZiyaVisual, abstract_params, dummy_inputs
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -55,10 +55,7 @@ def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
 
 def logical_specs(cfg: ModelConfig):
     """PartitionSpecs of logical axis names for every parameter (from eval_shape; allocates nothing)."""
-    model = ZiyaVisual(cfg)
-    abstract = jax.eval_shape(lambda r: model.init(r, *dummy_inputs(cfg), method=ZiyaVisual.initialize),
-                              jax.random.key(0))
-    return nn.get_partition_spec(abstract)["params"]
+    return nn.get_partition_spec(abstract_params(cfg))
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules=DEFAULT_RULES):
