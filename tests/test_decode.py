@@ -1,0 +1,78 @@
+"""Greedy and beam decoding vs transformers' generate on the same converted weights."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from hf_models import IMAGE_TOKEN, NUM_QUERIES, make_hf_model, to_jax_pixels
+from ziya_jax.convert import load_hf
+from ziya_jax.decode import DecodeConfig, generate
+
+PAD = 0
+
+
+def prompts(batch, seed=0):
+    """Left-padded prompts of different lengths: [pad..][image placeholders][text]."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [7, 3, 5][:batch]
+    width = NUM_QUERIES + max(lengths)
+    ids = torch.full((batch, width), PAD)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        row = torch.cat([torch.full((NUM_QUERIES,), IMAGE_TOKEN), torch.randint(3, 120, (n,), generator=g)])
+        ids[i, width - len(row):] = row
+        mask[i, width - len(row):] = 1
+    pixels = torch.randn(batch, 3, 28, 28, generator=g)
+    qids = torch.randint(1, 100, (batch, 5), generator=g)
+    return ids, mask, pixels, qids, torch.ones_like(qids)
+
+
+def hf_new_tokens(model, kind, ids, mask, pixels, qids, qmask, **kwargs):
+    extra = dict(qformer_input_ids=qids, qformer_attention_mask=qmask) if kind == "instructblip" else {}
+    with torch.no_grad():
+        out = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, pad_token_id=PAD,
+                             do_sample=False, **extra, **kwargs)
+    return out[:, ids.shape[1]:].numpy()
+
+
+def rows(tokens, lengths):
+    return [list(t[:n]) for t, n in zip(tokens, lengths)]
+
+
+def hf_rows(new, eos):
+    """HF output rows cut after the first EOS (HF pads finished rows afterwards)."""
+    out = []
+    for r in new:
+        r = list(r)
+        out.append(r[:r.index(eos) + 1] if eos in r else r)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["blip2", "instructblip"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_and_beam_match_transformers(kind, batch, tmp_path):
+    model = make_hf_model(kind, num_kv_heads=2, rope_theta=5000.0)
+    model.save_pretrained(tmp_path / "hf")
+    params, cfg = load_hf(str(tmp_path / "hf"))
+    ids, mask, pixels, qids, qmask = prompts(batch)
+    ours_inputs = dict(pixel_values=jnp.asarray(to_jax_pixels(pixels, batch)), qformer_ids=jnp.asarray(qids.numpy()),
+                       qformer_mask=jnp.asarray(qmask.numpy()))
+    n_new = 8
+    # EOS chosen so it is actually reached early: the third token the model emits greedily without one.
+    free = hf_new_tokens(model, kind, ids, mask, pixels, qids, qmask, max_new_tokens=n_new, eos_token_id=None)
+    early_eos = int(free[0, 2])
+    results = {}
+    for eos in (early_eos, 126):
+        for beams in (1, 4):
+            dc = DecodeConfig(max_new_tokens=n_new, num_beams=beams, length_penalty=1.0, eos_token_id=eos,
+                              pad_token_id=PAD)
+            tokens, lengths = generate(params, cfg, ids.numpy(), mask.numpy(), dc=dc, **ours_inputs)
+            ref = hf_new_tokens(model, kind, ids, mask, pixels, qids, qmask, max_new_tokens=n_new,
+                                num_beams=beams, length_penalty=1.0, eos_token_id=eos)
+            assert rows(tokens, lengths) == hf_rows(ref, eos), (eos, beams)
+            results[eos, beams] = rows(tokens, lengths)
+            assert (tokens[np.arange(n_new)[None] >= lengths[:, None]] == PAD).all()
+    assert results[126, 1] != results[126, 4]  # beam search really searched
+    # The early EOS really stopped at least one row early.
+    dc = DecodeConfig(max_new_tokens=n_new, eos_token_id=early_eos, pad_token_id=PAD)
+    assert generate(params, cfg, ids.numpy(), mask.numpy(), dc=dc, **ours_inputs)[1].min() < n_new
