@@ -1,4 +1,5 @@
 """Greedy and beam decoding vs transformers' generate on the same converted weights."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -76,3 +77,52 @@ def test_greedy_and_beam_match_transformers(kind, batch, tmp_path):
     # The early EOS really stopped at least one row early.
     dc = DecodeConfig(max_new_tokens=n_new, eos_token_id=early_eos, pad_token_id=PAD)
     assert generate(params, cfg, ids.numpy(), mask.numpy(), dc=dc, **ours_inputs)[1].min() < n_new
+
+
+def test_logit_processors_against_numpy():
+    from ziya_jax.decode import process_logits
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 50)).astype(np.float32) * 3
+    seen = np.zeros((2, 50), bool)
+    seen[0, [3, 7]] = True
+    dc = DecodeConfig(do_sample=True, temperature=0.7, top_k=10, top_p=0.5, repetition_penalty=1.3, min_new_tokens=2,
+                      eos_token_id=5)
+    got = np.asarray(process_logits(jnp.asarray(logits), jnp.asarray(seen), 1, dc))
+
+    ref = logits.copy()
+    ref[seen] = np.where(ref[seen] < 0, ref[seen] * 1.3, ref[seen] / 1.3)
+    ref[:, 5] = -np.inf  # step 1 < min_new_tokens
+    ref = ref / 0.7
+    for row in ref:
+        order = np.argsort(-row)
+        row[order[10:]] = -np.inf  # top-k
+        probs = np.exp(row[order] - row[order[0]])
+        probs /= probs.sum()
+        # top-p: keep the smallest prefix of the sorted tokens whose probability mass reaches 0.5
+        keep = np.searchsorted(np.cumsum(probs), 0.5) + 1
+        row[order[keep:]] = -np.inf
+    assert np.array_equal(np.isfinite(got), np.isfinite(ref))
+    np.testing.assert_allclose(got[np.isfinite(got)], ref[np.isfinite(ref)], rtol=1e-6)
+
+
+def test_sampling_tiny_top_p_is_greedy_and_no_recompile(tmp_path):
+    from ziya_jax.decode import _search
+
+    model = make_hf_model("blip2")
+    model.save_pretrained(tmp_path / "hf")
+    params, cfg = load_hf(str(tmp_path / "hf"))
+    ids, mask, pixels, _, _ = prompts(3)
+    pix = jnp.asarray(to_jax_pixels(pixels, 3))
+    greedy = generate(params, cfg, ids.numpy(), mask.numpy(), pix, dc=DecodeConfig(max_new_tokens=6, eos_token_id=126))
+    sample = DecodeConfig(max_new_tokens=6, eos_token_id=126, do_sample=True, temperature=0.7, top_p=1e-6)
+    compiled = _search._cache_size()
+    for seed in range(3):
+        out = generate(params, cfg, ids.numpy(), mask.numpy(), pix, dc=sample, rng=jax.random.key(seed))
+        np.testing.assert_array_equal(out[0], greedy[0])
+    assert _search._cache_size() == compiled + 1  # one compilation for the three requests
+    # Real sampling (top_p 1, high temperature) does vary with the seed.
+    wild = DecodeConfig(max_new_tokens=6, eos_token_id=126, do_sample=True, temperature=5.0)
+    draws = {tuple(generate(params, cfg, ids.numpy(), mask.numpy(), pix, dc=wild, rng=jax.random.key(s))[0][0])
+             for s in range(4)}
+    assert len(draws) > 1
