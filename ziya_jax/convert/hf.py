@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ziya_jax.config import LlamaConfig, ModelConfig, QFormerConfig, VisionConfig
+from ziya_jax.tree import flatten, unflatten
 
 TARGETS = ("blip2", "instructblip", "llama")
 # ziya_jax parameters with no counterpart in a generation checkpoint of transformers.
@@ -25,25 +26,6 @@ class ConversionError(ValueError):
 
 def target_for(cfg: ModelConfig) -> str:
     return "instructblip" if cfg.variant == "chat" else "blip2"
-
-
-def flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
-    if isinstance(tree, Mapping):
-        out = {}
-        for k, v in tree.items():
-            out.update(flatten(v, prefix + (k,)))
-        return out
-    return {prefix: tree}
-
-
-def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = value
-    return tree
 
 
 def _exported(path, cfg: ModelConfig, target: str) -> bool:

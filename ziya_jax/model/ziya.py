@@ -7,6 +7,8 @@ Chat also feeds it the instruction text, and only the query outputs go on to the
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -109,9 +111,14 @@ def dummy_inputs(cfg: ModelConfig, batch: int = 1, text_len: int = 4):
 
 def init_params(cfg: ModelConfig, rng):
     """Unboxed parameters (plain nested dicts of arrays); see ziya_jax.sharding for sharded init."""
+    return nn.meta.unbox(_jitted_init(cfg)(rng))
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(cfg: ModelConfig):
+    """One compiled initialiser per config (compiling it costs more than running it)."""
     model = ZiyaVisual(cfg)
-    init = jax.jit(lambda r: model.init(r, *dummy_inputs(cfg), method=ZiyaVisual.initialize)["params"])
-    return nn.meta.unbox(init(rng))
+    return jax.jit(lambda r: model.init(r, *dummy_inputs(cfg), method=ZiyaVisual.initialize)["params"])
 
 
 def abstract_params(cfg: ModelConfig):
