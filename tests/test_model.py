@@ -68,9 +68,10 @@ def test_kv_cache_decode_equals_full_forward():
     mask = jnp.ones_like(ids).at[0, :2].set(0)
     full = model.apply({"params": params}, ids, mask, pixels, qids, qmask)
 
+    @jax.jit
     def step(p, ids, mask, pixels, qids, qmask, cache, index, feats):
         embeds = model.apply({"params": p}, ids, feats, method=ZiyaVisual.embed_inputs)
-        positions = default_positions(mask)[:, index:index + ids.shape[1]]
+        positions = jax.lax.dynamic_slice_in_dim(default_positions(mask), index, ids.shape[1], axis=1)
         return model.apply({"params": p}, embeds, positions, mask, cache, index, method=ZiyaVisual.language)
 
     feats = model.apply({"params": params}, pixels, qids, qmask, method=ZiyaVisual.encode_images)
@@ -114,8 +115,7 @@ def test_lora_targets_zero_init_and_merge():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
-def test_remat_gives_same_loss_and_grads(policy):
+def test_remat_gives_same_loss_and_grads(policy="full"):
     cfg = tiny()
     params = perturbed_params(cfg)
     args = inputs(cfg)

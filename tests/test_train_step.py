@@ -84,7 +84,7 @@ def test_empty_trainable_set_is_an_error():
 def test_sharded_step_matches_single_device_with_itc_over_the_global_batch():
     cfg = tiny("variant=base,stage=1")
     stage = Stage(trainable=("qformer", "query_tokens", "vision_proj", "text_proj", "itm_head", "temp"),
-                  loss_weights=(("itc", 1.0), ("itg", 1.0), ("itm", 1.0)))
+                  loss_weights=(("itc", 1.0),))  # the loss whose negatives cross data shards
     rng = np.random.default_rng(0)
     batch = {"pixel_values": jnp.asarray(rng.normal(size=(8, 28, 28, 3)), jnp.float32),
              "text_ids": jnp.asarray(rng.integers(3, 90, (8, 6)), jnp.int32),
@@ -99,7 +99,7 @@ def test_sharded_step_matches_single_device_with_itc_over_the_global_batch():
         _, multi, m8 = run_steps(cfg, stage, sharded_batch, n=1, params=sharded_params)
     assert multi.trainable["qformer"]["layer"]["layer_0"]["attention"]["attention"]["query"]["kernel"].sharding \
         .spec[1] == "fsdp"
-    for k in ("loss", "itc", "itm", "itg"):
+    for k in ("loss", "itc"):
         np.testing.assert_allclose(float(m8[k]), float(m1[k]), rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(multi.trainable), jax.tree_util.tree_leaves(single.trainable)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

@@ -52,46 +52,51 @@ def _l2_normalise(x):
     return x / jnp.maximum(jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True), 1e-12)
 
 
-def _stage1(module: ZiyaVisual, pixel_values, text_ids, text_mask, rng, dec_token_id: int, deterministic: bool):
-    """ITC + ITM + ITG for a batch of (image, caption) pairs; text_ids start with the CLS token."""
-    cfg = module.cfg
-    q = cfg.num_query_tokens
+def _stage1(module: ZiyaVisual, pixel_values, text_ids, text_mask, rng, dec_token_id: int, names: tuple,
+            deterministic: bool):
+    """The requested ones of ITC, ITM, ITG for (image, caption) pairs; text_ids start with the CLS token."""
+    q = module.cfg.num_query_tokens
     image_embeds = module.vision_model(pixel_values, deterministic)
     queries = jnp.broadcast_to(module.query_tokens, (pixel_values.shape[0], *module.query_tokens.shape[1:]))
-    query_out = module.qformer(queries, None, None, image_embeds, "bidirectional", deterministic)
-    text_out = module.qformer(None, text_ids, text_mask, None, "bidirectional", deterministic)
-    image_feats = _l2_normalise(module.vision_proj(query_out))
-    text_feats = _l2_normalise(module.text_proj(text_out[:, 0]))
-    temp = jnp.clip(module.temp, 0.001, 0.5)
-    sim_i2t, sim_t2i = itc_similarities(image_feats, text_feats, temp)
-    itc = itc_loss(sim_i2t, sim_t2i)
+    losses = {}
+    if "itc" in names or "itm" in names:
+        query_out = module.qformer(queries, None, None, image_embeds, "bidirectional", deterministic)
+        text_out = module.qformer(None, text_ids, text_mask, None, "bidirectional", deterministic)
+        image_feats = _l2_normalise(module.vision_proj(query_out))
+        text_feats = _l2_normalise(module.text_proj(text_out[:, 0]))
+        sim_i2t, sim_t2i = itc_similarities(image_feats, text_feats, jnp.clip(module.temp, 0.001, 0.5))
+        losses["itc"] = itc_loss(sim_i2t, sim_t2i)
+    if "itm" in names:
+        rng_img, rng_txt = jax.random.split(rng)
+        neg_image = hard_negatives(rng_img, sim_t2i)  # per text, an image
+        neg_text = hard_negatives(rng_txt, sim_i2t)  # per image, a text
+        itm_images = jnp.concatenate([image_embeds, image_embeds[neg_image], image_embeds])
+        itm_text = jnp.concatenate([text_ids, text_ids, text_ids[neg_text]])
+        itm_mask = jnp.concatenate([text_mask, text_mask, text_mask[neg_text]])
+        itm_out = module.qformer(jnp.concatenate([queries] * 3), itm_text, itm_mask, itm_images, "bidirectional",
+                                 deterministic)
+        b = text_ids.shape[0]
+        itm_labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
+        losses["itm"] = cross_entropy(module.itm_head(itm_out[:, :q]).mean(1), itm_labels)
+    if "itg" in names:
+        dec_ids = text_ids.at[:, 0].set(dec_token_id)
+        itg_out = module.qformer(queries, dec_ids, text_mask, image_embeds, "causal_text", deterministic)
+        text_logits = module.qformer.text_logits(itg_out[:, q:])
+        losses["itg"] = cross_entropy(text_logits[:, :-1], dec_ids[:, 1:], text_mask[:, 1:], label_smoothing=0.1)
+    return losses
 
-    rng_img, rng_txt = jax.random.split(rng)
-    neg_image = hard_negatives(rng_img, sim_t2i)  # per text, an image
-    neg_text = hard_negatives(rng_txt, sim_i2t)  # per image, a text
-    itm_images = jnp.concatenate([image_embeds, image_embeds[neg_image], image_embeds])
-    itm_text = jnp.concatenate([text_ids, text_ids, text_ids[neg_text]])
-    itm_mask = jnp.concatenate([text_mask, text_mask, text_mask[neg_text]])
-    itm_queries = jnp.concatenate([queries] * 3)
-    itm_out = module.qformer(itm_queries, itm_text, itm_mask, itm_images, "bidirectional", deterministic)
-    itm_logits = module.itm_head(itm_out[:, :q]).mean(1)
-    b = text_ids.shape[0]
-    itm_labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
-    itm = cross_entropy(itm_logits, itm_labels)
 
-    dec_ids = text_ids.at[:, 0].set(dec_token_id)
-    itg_out = module.qformer(queries, dec_ids, text_mask, image_embeds, "causal_text", deterministic)
-    text_logits = module.qformer.text_logits(itg_out[:, q:])
-    itg = cross_entropy(text_logits[:, :-1], dec_ids[:, 1:], text_mask[:, 1:], label_smoothing=0.1)
-    return {"itc": itc, "itm": itm, "itg": itg}
-
-
-def stage1_losses(params, cfg, batch, rng, dec_token_id: int, deterministic: bool = False):
-    """{'itc', 'itm', 'itg'} for batch {'pixel_values' [B, H, W, 3], 'text_ids', 'text_mask' [B, T]}."""
+def stage1_losses(params, cfg, batch, rng, dec_token_id: int, names=("itc", "itm", "itg"),
+                  deterministic: bool = False):
+    """The requested losses of {'itc', 'itm', 'itg'} for batch {'pixel_values' [B, H, W, 3], 'text_ids',
+    'text_mask' [B, T]}; unrequested ones are not computed."""
+    unknown = set(names) - {"itc", "itm", "itg"}
+    if unknown:
+        raise ValueError(f"unknown stage-1 losses {sorted(unknown)}")
     rng_neg, rng_drop = jax.random.split(rng)
     return ZiyaVisual(cfg).apply(
         {"params": params}, batch["pixel_values"], batch["text_ids"], batch["text_mask"], rng_neg, dec_token_id,
-        deterministic, method=_stage1, rngs={"dropout": rng_drop})
+        tuple(names), deterministic, method=_stage1, rngs={"dropout": rng_drop})
 
 
 def instruction_losses(params, cfg, batch, rng, deterministic: bool = False):

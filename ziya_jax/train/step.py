@@ -66,7 +66,7 @@ def init_state(params, stage: Stage, tx: optax.GradientTransformation, rng) -> T
 def stage_losses(params, cfg: ModelConfig, stage: Stage, batch, rng, deterministic=False) -> dict:
     names = {k for k, _ in stage.loss_weights}
     if names <= set(STAGE1_LOSSES):
-        return stage1_losses(params, cfg, batch, rng, stage.dec_token_id, deterministic)
+        return stage1_losses(params, cfg, batch, rng, stage.dec_token_id, tuple(sorted(names)), deterministic)
     return instruction_losses(params, cfg, batch, rng, deterministic)
 
 

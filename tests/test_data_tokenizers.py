@@ -1,0 +1,111 @@
+"""Tokenizers: lossless bilingual round trips, deterministic training, added tokens, BERT vocab.txt."""
+import copy
+import json
+
+import pytest
+
+from ziya_jax.data import synthetic, tokenizers
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok")
+    llm_path, q_path = synthetic.train_demo_tokenizers(str(out), num_scenes=100)
+    return tokenizers.SentencePieceTokenizer.load(llm_path), tokenizers.QFormerTokenizer.from_sentencepiece(q_path)
+
+
+TEXTS = [
+    "<human>:请简要描述这张图片。\n<bot>:图中有2个物体：左上是一个大的红色圆形，中间是一个小的蓝色正方形。",
+    "<human>:What color is the object at the top left?\n<bot>:red",
+    "  leading and  double  spaces, tabs\tand trailing newline\n",
+    "unseen: ß ñ Ωmega 日本語のテキスト 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 🙂 [12,345,678,999]",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_llm_round_trip_is_lossless(demo, text):
+    tok, _ = demo
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert all(0 <= i < tok.vocab_size for i in ids)
+
+
+def test_concatenated_encodings_decode_to_concatenated_text(demo):
+    tok, _ = demo
+    a, b = "<human>:图中有几个物体？\n<bot>:", "3"
+    assert tok.decode(tok.encode(a) + tok.encode(b)) == a + b
+
+
+def test_role_tokens_are_single_pieces_and_special_ids_follow_llama(demo):
+    tok, _ = demo
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+    assert tok.pad_id == tok.eos_id  # no pad piece: Ziya pads with EOS
+    for role in tokenizers.ZIYA_ROLE_TOKENS:
+        assert tok.encode(role) == [tok.piece_id(role)]
+    with pytest.raises(KeyError):
+        tok.piece_id("<no such piece>")
+
+
+def test_demo_training_is_deterministic(tmp_path):
+    a = synthetic.train_demo_tokenizers(str(tmp_path / "a"), num_scenes=50)
+    b = synthetic.train_demo_tokenizers(str(tmp_path / "b"), num_scenes=50)
+    for pa, pb in zip(a, b):
+        with open(pa, "rb") as fa, open(pb, "rb") as fb:
+            assert fa.read() == fb.read()
+
+
+def test_added_tokens_json_is_honoured(tmp_path):
+    texts = synthetic.corpus(30)
+    proto = tokenizers.train_sentencepiece([t.replace("<human>", "").replace("<bot>", "") for t in texts], 400)
+    (tmp_path / "tokenizer.model").write_bytes(proto)
+    base = tokenizers.SentencePieceTokenizer(proto)
+    added = {"<human>": base.vocab_size, "<bot>": base.vocab_size + 1}
+    (tmp_path / "added_tokens.json").write_text(json.dumps(added))
+    tok = tokenizers.SentencePieceTokenizer.load(tmp_path)
+    assert tok.vocab_size == base.vocab_size + 2
+    text = "<human>:你好<bot>:hi<human>"
+    ids = tok.encode(text)
+    assert ids[0] == added["<human>"] and ids[-1] == added["<human>"] and added["<bot>"] in ids
+    assert ids[1:ids.index(added["<bot>"])] == base.encode(":你好")
+    assert tok.decode(ids) == text
+    clone = copy.deepcopy(tok)  # what a Grain worker process receives
+    assert clone.encode(text) == ids and clone.vocab_size == tok.vocab_size
+
+
+def test_bad_tokenizer_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere"):
+        tokenizers.SentencePieceTokenizer.load(tmp_path / "nothere.model")
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="junk.model"):
+        tokenizers.SentencePieceTokenizer.load(tmp_path / "junk.model")
+    (tmp_path / "vocab.txt").write_text("a\nb\n")
+    missing = r"\['\[CLS\]', '\[SEP\]', '\[PAD\]', '\[UNK\]'\]"
+    with pytest.raises(ValueError, match=r"vocab.txt lacks the special tokens " + missing):
+        tokenizers.QFormerTokenizer.from_bert_vocab(tmp_path / "vocab.txt")
+
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "red", "circle", "##s", "红", "色", "."]
+
+
+@pytest.mark.parametrize("with_dec", [False, True])
+def test_bert_vocab_wordpiece(tmp_path, with_dec):
+    vocab = VOCAB + (["[DEC]"] if with_dec else [])
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    q = tokenizers.QFormerTokenizer.from_bert_vocab(path)
+    assert q.encode("The red Circles 红色.") == [vocab.index(t) for t in ["the", "red", "circle", "##s", "红", "色", "."]]
+    assert (q.cls_id, q.sep_id, q.pad_id) == (2, 3, 0)
+    # BLIP-2's [DEC] is an added token after bert-base-uncased's 30522 entries (hence 30523)
+    assert q.dec_id == (vocab.index("[DEC]") if with_dec else len(VOCAB))
+    assert q.vocab_size == len(VOCAB) + 1
+    assert q.decode([q.cls_id, *q.encode("red circles"), q.sep_id]) == "red circles"
+
+
+def test_qformer_sentencepiece_specials(demo):
+    _, q = demo
+    ids = {q.cls_id, q.sep_id, q.dec_id, q.pad_id}
+    assert len(ids) == 4 and max(ids) < q.vocab_size
+    text = "What is in the region [1,2,3,4]? 区域里是什么？"
+    assert q.decode(q.encode(text)) == text
+    assert not ids & set(q.encode(text))

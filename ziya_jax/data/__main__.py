@@ -1,0 +1,55 @@
+"""python -m ziya_jax.data {tokenizers, synthetic, manifest} ...: build the demo tokenizers and TFDS data sets."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ziya_jax.data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    tok = sub.add_parser("tokenizers", help="train the demo LLM and Q-Former sentencepiece models")
+    tok.add_argument("--out", required=True)
+    tok.add_argument("--llm-vocab-size", type=int, default=1024)
+    tok.add_argument("--qformer-vocab-size", type=int, default=512)
+    tok.add_argument("--seed", type=int, default=0)
+    syn = sub.add_parser("synthetic", help="write the synthetic set as an ArrayRecord TFDS data set")
+    syn.add_argument("--data-dir", required=True)
+    syn.add_argument("--image-size", type=int, default=64)
+    syn.add_argument("--seed", type=int, default=0)
+    for split, n in (("train", 20000), ("validation", 1000), ("test", 1000)):
+        syn.add_argument(f"--{split}", type=int, default=n, help=f"examples in {split} (default {n})")
+    man = sub.add_parser("manifest", help="write a LLaVA-style JSON/JSONL manifest + images as a TFDS data set")
+    man.add_argument("--data-dir", required=True)
+    man.add_argument("--name", required=True, help="config name: the data set is llava_manifest/NAME")
+    man.add_argument("--split", action="append", required=True, metavar="SPLIT=FILE")
+    man.add_argument("--image-dir", default="",
+                     help="image paths are relative to this (default: the manifest's folder)")
+    man.add_argument("--strict", action="store_true", help="fail on a missing image or bad entry")
+    args = parser.parse_args(argv)
+
+    if args.command == "tokenizers":
+        from ziya_jax.data.synthetic import train_demo_tokenizers
+
+        for path in train_demo_tokenizers(args.out, args.llm_vocab_size, args.qformer_vocab_size, seed=args.seed):
+            print(path)
+        return 0
+    from ziya_jax.data import tfds_builders
+
+    if args.command == "synthetic":
+        config = tfds_builders.SyntheticConfig(name=f"{args.image_size}px_seed{args.seed}_{args.train}",
+                                               image_size=args.image_size, seed=args.seed, train=args.train,
+                                               validation=args.validation, test=args.test)
+        builder = tfds_builders.build_synthetic(args.data_dir, config)
+    else:
+        splits = dict(s.split("=", 1) for s in args.split)
+        if any(not v for v in splits.values()) or len(splits) != len(args.split):
+            parser.error(f"--split wants distinct SPLIT=FILE pairs, got {args.split}")
+        builder = tfds_builders.build_manifest(args.data_dir, args.name, splits, args.image_dir, args.strict)
+    print(f"{builder.name}/{builder.builder_config.name} in {builder.data_dir}: "
+          + ", ".join(f"{k} {v.num_examples}" for k, v in builder.info.splits.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Training checkpoints (Orbax CheckpointManager): the train state and the data iterator's state in the same step,
+async saves every N steps, keep the last K; restore falls back to an older step when the newest is unreadable."""
+from __future__ import annotations
+
+import logging
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpoints:
+    def __init__(self, directory: str, save_every: int, keep: int, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+    def save(self, step: int, state, data_iterator, force: bool = False) -> bool:
+        """Saves when `step` is on the interval (or force); returns whether a save started."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=grain.checkpoint.CheckpointSave(data_iterator))
+        return self.manager.save(step, args=args, force=force)
+
+    def restore_latest(self, abstract_state, data_iterator):
+        """(state, step) from the newest readable checkpoint, or None when there is none. An unreadable newest
+        one is reported and the previous one used; if checkpoints exist but none reads, this raises rather than
+        silently starting again from step 0."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=grain.checkpoint.CheckpointRestore(data_iterator)))
+            except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous step
+                log.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one",
+                            step, self.manager.directory, type(e).__name__, e)
+                continue
+            return restored["state"], step
+        if steps:
+            raise RuntimeError(f"checkpoints {steps} exist in {self.manager.directory} but none could be read; "
+                               "refusing to restart from step 0")
+        return None
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()
+
+
+def abstract(tree):
+    """ShapeDtypeStructs (with shardings) of a pytree of arrays, the target of a restore."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
