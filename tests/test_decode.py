@@ -126,3 +126,13 @@ def test_sampling_tiny_top_p_is_greedy_and_no_recompile(tmp_path):
     draws = {tuple(generate(params, cfg, ids.numpy(), mask.numpy(), pix, dc=wild, rng=jax.random.key(s))[0][0])
              for s in range(4)}
     assert len(draws) > 1
+
+
+def test_placeholder_count_must_match_images(tmp_path):
+    model = make_hf_model("blip2")
+    model.save_pretrained(tmp_path / "hf")
+    params, cfg = load_hf(str(tmp_path / "hf"))
+    ids, mask, pixels, _, _ = prompts(1)
+    two_images = np.concatenate([to_jax_pixels(pixels, 1)] * 2, axis=1)  # 2 images, placeholders for 1
+    with pytest.raises(ValueError, match="image placeholders"):
+        generate(params, cfg, ids.numpy(), mask.numpy(), two_images, dc=DecodeConfig(max_new_tokens=2))

@@ -156,3 +156,10 @@ def test_vit_interpolates_positions_for_other_sizes():
     vit = VisionTransformer(cfg.vision)
     variables = vit.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)))
     assert vit.apply(variables, jnp.zeros((2, 42, 42, 3))).shape == (2, 1 + 9, 32)
+
+
+def test_lora_target_that_matches_nothing_is_an_error():
+    cfg = tiny()
+    bad = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, targets=cfg.lora.targets + ("llm/typo",)))
+    with pytest.raises(ValueError, match="match no Dense layer"):
+        abstract_params(bad)

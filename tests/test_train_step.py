@@ -103,3 +103,21 @@ def test_sharded_step_matches_single_device_with_itc_over_the_global_batch():
         np.testing.assert_allclose(float(m8[k]), float(m1[k]), rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(multi.trainable), jax.tree_util.tree_leaves(single.trainable)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_weight_decay_skips_biases_norms_and_temperature():
+    opt = default_optimizer(lr=1.0, warmup_init_lr=1.0, warmup_steps=0, total_steps=10, end_lr=1.0,
+                            weight_decay=0.5, grad_clip=1e9)
+    tx = make_optimizer(opt)
+    params = {"layer": {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "norm": {"scale": jnp.ones(2)}},
+              "temp": jnp.ones(())}
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    assert float(jnp.abs(updates["layer"]["dense"]["kernel"]).max()) > 0  # decayed
+    for leaf in (updates["layer"]["dense"]["bias"], updates["layer"]["norm"]["scale"], updates["temp"]):
+        assert float(jnp.abs(leaf).max()) == 0
+
+
+def test_itg_without_dec_token_is_an_error():
+    with pytest.raises(ValueError, match="dec_token_id"):
+        Stage(trainable=("qformer",), loss_weights=(("itg", 1.0),))

@@ -140,7 +140,13 @@ def parse_arg(arg: str | None, **defaults) -> dict[str, Any]:
         key, _, value = item.partition("=")
         if key not in defaults:
             raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
-        out[key] = type(defaults[key])(value)
+        kind = type(defaults[key])
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"config argument {key}={value!r} is not a boolean")
+            out[key] = value.lower() in ("true", "1")
+        else:
+            out[key] = kind(value)
     return out
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.experimental
 import jax.numpy as jnp
 import numpy as np
 
@@ -20,6 +21,13 @@ from ziya_jax.model import ZiyaVisual, default_positions
 from ziya_jax.model.llama import init_cache
 
 NEG = -1.0e9
+# Where tokens go while a streaming generate() runs (XLA calls back from its own thread, so a plain global;
+# one streaming generate at a time).
+_STREAM = {"on_token": None}
+
+
+def _emit(tokens):
+    _STREAM["on_token"](int(tokens[0]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +69,16 @@ def left_pad(input_ids: np.ndarray, attention_mask: np.ndarray, pad_token_id: in
     return np.where(mask, ids, pad_token_id).astype(np.int32), mask.astype(np.int32)
 
 
+def check_placeholders(input_ids, attention_mask, images_per_row: int, cfg: ModelConfig):
+    """Each row must hold exactly num_query_tokens image placeholders per image (the model would otherwise
+    silently reuse or drop image features)."""
+    counts = ((np.asarray(input_ids) == cfg.image_token_id) & np.asarray(attention_mask).astype(bool)).sum(1)
+    want = images_per_row * cfg.num_query_tokens
+    if (counts != want).any():
+        raise ValueError(f"rows hold {counts.tolist()} image placeholders (id {cfg.image_token_id}); "
+                         f"{images_per_row} image(s) x {cfg.num_query_tokens} queries need {want} each")
+
+
 def process_logits(logits, seen, step, dc: DecodeConfig):
     """Repetition penalty and min_new_tokens (all modes), then temperature / top-k / top-p when sampling."""
     if dc.repetition_penalty != 1.0:
@@ -73,7 +91,7 @@ def process_logits(logits, seen, step, dc: DecodeConfig):
         return logits
     logits = logits / dc.temperature
     if dc.top_k:
-        kth = jax.lax.top_k(logits, dc.top_k)[0][:, -1:]
+        kth = jax.lax.top_k(logits, min(dc.top_k, logits.shape[-1]))[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if dc.top_p < 1.0:
         sorted_logits = jnp.sort(logits, axis=-1)  # ascending
@@ -114,9 +132,9 @@ def _seen_tokens(input_ids, mask, vocab):
     return seen.at[jnp.arange(input_ids.shape[0])[:, None], input_ids].max(mask.astype(bool))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dc"))
+@functools.partial(jax.jit, static_argnames=("cfg", "dc", "stream"))
 def _search(params, input_ids, mask, pixel_values, qformer_ids, qformer_mask, rng, cfg: ModelConfig,
-            dc: DecodeConfig):
+            dc: DecodeConfig, stream: bool = False):
     model = ZiyaVisual(cfg)
     b, t = input_ids.shape
     total = t + dc.max_new_tokens
@@ -124,11 +142,11 @@ def _search(params, input_ids, mask, pixel_values, qformer_ids, qformer_mask, rn
                                                   qformer_mask, total)
     seen = _seen_tokens(input_ids, mask, logits.shape[-1])
     if dc.num_beams == 1:
-        return _greedy_or_sample(model, params, logits, cache, key_mask, positions, seen, rng, t, dc)
+        return _greedy_or_sample(model, params, logits, cache, key_mask, positions, seen, rng, t, dc, stream)
     return _beam(model, params, logits, cache, key_mask, positions, seen, t, dc)
 
 
-def _greedy_or_sample(model, params, logits, cache, key_mask, positions, seen, rng, prompt_len, dc):
+def _greedy_or_sample(model, params, logits, cache, key_mask, positions, seen, rng, prompt_len, dc, stream):
     b = logits.shape[0]
     tokens = jnp.full((b, dc.max_new_tokens), dc.pad_token_id, jnp.int32)
     state = dict(step=0, logits=logits, cache=cache, key_mask=key_mask, positions=positions, seen=seen, rng=rng,
@@ -145,6 +163,8 @@ def _greedy_or_sample(model, params, logits, cache, key_mask, positions, seen, r
         else:
             nxt = jnp.argmax(scores, axis=-1).astype(jnp.int32)
         nxt = jnp.where(s["finished"], dc.pad_token_id, nxt)
+        if stream:
+            jax.experimental.io_callback(_emit, None, nxt, ordered=True)
         logits, cache, key_mask = _step(model, params, nxt, s["cache"], s["key_mask"], s["positions"],
                                         prompt_len + s["step"])
         return dict(step=s["step"] + 1, logits=logits, cache=cache, key_mask=key_mask, positions=s["positions"] + 1,
@@ -230,16 +250,24 @@ def _beam(model, params, logits, cache, key_mask, positions, seen, prompt_len, d
 
 
 def generate(params, cfg: ModelConfig, input_ids, attention_mask=None, pixel_values=None, qformer_ids=None,
-             qformer_mask=None, dc: DecodeConfig = DecodeConfig(), rng=None):
+             qformer_mask=None, dc: DecodeConfig = DecodeConfig(), rng=None, on_token=None):
     """-> (tokens [B, max_new_tokens] int32, lengths [B]): the new tokens of each row; positions past a row's
-    length hold pad_token_id. Prompts may be padded on either side (attention_mask marks valid tokens)."""
+    length hold pad_token_id. Prompts may be padded on either side (attention_mask marks valid tokens).
+    on_token(id), for one prompt without beam search, is called with each token as the loop produces it."""
     input_ids = np.asarray(input_ids)
     attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
     ids, mask = left_pad(input_ids, attention_mask, dc.pad_token_id)
+    check_placeholders(ids, mask, 0 if pixel_values is None else np.shape(pixel_values)[1], cfg)
     if ids.shape[1] + dc.max_new_tokens > cfg.llm.max_position_embeddings:
         raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({dc.max_new_tokens}) exceeds the "
                          f"model's context of {cfg.llm.max_position_embeddings}")
+    if on_token is not None and (dc.num_beams > 1 or ids.shape[0] != 1):
+        raise ValueError("streaming (on_token) needs one prompt and num_beams=1")
     rng = jax.random.key(0) if rng is None else rng
-    tokens, lengths = _search(params, jnp.asarray(ids), jnp.asarray(mask), pixel_values, qformer_ids, qformer_mask,
-                              rng, cfg=cfg, dc=dc)
-    return np.asarray(tokens), np.asarray(lengths)
+    _STREAM["on_token"] = on_token
+    try:
+        tokens, lengths = _search(params, jnp.asarray(ids), jnp.asarray(mask), pixel_values, qformer_ids,
+                                  qformer_mask, rng, cfg=cfg, dc=dc, stream=on_token is not None)
+        return np.asarray(tokens), np.asarray(lengths)
+    finally:
+        _STREAM["on_token"] = None

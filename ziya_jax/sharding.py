@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ziya_jax.config import ModelConfig
-from ziya_jax.model.ziya import ZiyaVisual, abstract_params, dummy_inputs
+from ziya_jax.model.ziya import abstract_params, init_fn
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -24,6 +24,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("qformer_embed", None),
+    ("qformer_vocab", None),  # 30523 entries: not divisible by a tensor axis
     ("embed_out", None),
     ("patch", None),
     ("norm", None),
@@ -65,13 +66,8 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules=DEFAULT_RULES):
 
 def init_sharded(cfg: ModelConfig, rng, mesh: Mesh, rules=DEFAULT_RULES):
     """Initialise parameters directly into their shardings: each device only ever holds its shards."""
-    model = ZiyaVisual(cfg)
-    shardings = param_shardings(cfg, mesh, rules)
-
-    def init(r):
-        return nn.meta.unbox(model.init(r, *dummy_inputs(cfg), method=ZiyaVisual.initialize)["params"])
-
-    return jax.jit(init, out_shardings=shardings)(rng)
+    init = lambda r: nn.meta.unbox(init_fn(cfg)(r))
+    return jax.jit(init, out_shardings=param_shardings(cfg, mesh, rules))(rng)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -29,7 +29,7 @@ def load_hf(hf_dir: str, llm_dir: str | None = None, llm_delta_dir: str | None =
         clash = [k for k in tensors if k.startswith("language_model.")]
         if clash:
             raise ConversionError(f"{hf_dir} already holds a language model ({clash[0]}, ...); drop --llm-dir")
-        tensors.update({f"language_model.{k}": v for k, v in llm.items() if not k.endswith("rotary_emb.inv_freq")})
+        tensors.update({f"language_model.{k}": v for k, v in llm.items()})
     elif llm_delta_dir is not None:
         raise ConversionError("--llm-delta-dir needs --llm-dir (the base LLaMA the delta applies to)")
     cfg = model_config_from_hf(config, text_config)

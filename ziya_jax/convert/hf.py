@@ -29,6 +29,8 @@ def target_for(cfg: ModelConfig) -> str:
 
 
 def _exported(path, cfg: ModelConfig, target: str) -> bool:
+    if "lora_a" in path or "lora_b" in path:
+        return False
     joined = "/".join(path)
     if target == "llama":
         return path[0] == "language_model"
@@ -37,7 +39,7 @@ def _exported(path, cfg: ModelConfig, target: str) -> bool:
     if target == "blip2" and path[0] == "qformer" and (
             path[1] in ("word_embeddings", "position_embeddings") or (len(path) > 3 and path[3] in ("intermediate", "output"))):
         return False  # the text branch: Blip2ForConditionalGeneration's Q-Former has none
-    return "lora_a" not in path and "lora_b" not in path
+    return True
 
 
 def _leaf_name(leaf: str) -> str:
@@ -184,7 +186,7 @@ def llama_config_from_hf(d: Mapping) -> LlamaConfig:
         rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
         tie_word_embeddings=d.get("tie_word_embeddings", False),
         max_position_embeddings=d.get("max_position_embeddings", 2048),
-        bos_token_id=d.get("bos_token_id", 1) if d.get("bos_token_id") is not None else 1,
+        bos_token_id=d.get("bos_token_id") if d.get("bos_token_id") is not None else 1,
         eos_token_id=_first(d.get("eos_token_id", 2)),
         pad_token_id=d.get("pad_token_id") if d.get("pad_token_id") is not None else 0)
 

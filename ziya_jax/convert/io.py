@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from typing import Mapping
 
+import jax
 import numpy as np
 from safetensors import safe_open
 from safetensors.flax import save_file
@@ -42,9 +43,10 @@ def read_tensors(directory: str, allow_pickle: bool = False) -> dict[str, np.nda
         for path in files:
             if not os.path.isfile(path):
                 raise ConversionError(f"{index} names {os.path.basename(path)}, which is missing")
-            with safe_open(path, framework="flax") as f:
+            with jax.default_device(jax.devices("cpu")[0]), safe_open(path, framework="flax") as f:
                 for key in f.keys():
-                    tensors[key] = np.asarray(f.get_tensor(key))
+                    if not key.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints saved
+                        tensors[key] = np.asarray(f.get_tensor(key))
         return tensors
     pickles = sorted(glob.glob(os.path.join(directory, "*.bin")))
     if not pickles:
@@ -58,7 +60,8 @@ def read_tensors(directory: str, allow_pickle: bool = False) -> dict[str, np.nda
     tensors = {}
     for path in pickles:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        tensors.update({k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()})
+        tensors.update({k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()
+                        if not k.endswith("rotary_emb.inv_freq")})
     return tensors
 
 

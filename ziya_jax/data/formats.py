@@ -212,3 +212,14 @@ def encode_qformer_text(text: str, qtok, max_len: int, truncate: str = "left") -
     pad = max_len - len(ids)
     return {"ids": np.array(ids + [qtok.pad_id] * pad, np.int32),
             "mask": np.array([1] * len(ids) + [0] * pad, np.int32)}
+
+
+def encode_prompt(history: Sequence[Turn], query: str, tok, image_token_id: int, num_query_tokens: int,
+                  prefix: str = "") -> list[int]:
+    """Token ids of a conversation so far plus a new query, ending in `<bot>:` for the model to answer."""
+    image_ids = [image_token_id] * num_query_tokens
+    ids = _segment(prefix, tok, image_ids, image_token_id)
+    for turn in history:
+        ids += _segment(f"{HUMAN}:{turn.query}\n{BOT}:", tok, image_ids, image_token_id)
+        ids += _segment(turn.answer, tok, image_ids, image_token_id) + [tok.eos_id]
+    return ids + _segment(f"{HUMAN}:{query}\n{BOT}:", tok, image_ids, image_token_id)

@@ -148,7 +148,7 @@ class QFormer(nn.Module):
         self.layernorm = LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype)
         if cfg.text_branch:
             embed = lambda n: nn.Embed(n, cfg.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                                       embedding_init=logical(default_init, ("vocab", "embed")))
+                                       embedding_init=logical(default_init, ("qformer_vocab", "embed")))
             self.word_embeddings = embed(cfg.vocab_size)
             self.position_embeddings = embed(cfg.max_position_embeddings)
         stack = scan_layers(QFormerGroup, cfg.depth // cfg.cross_attention_frequency, self.remat_policy,
@@ -159,7 +159,7 @@ class QFormer(nn.Module):
             self.lm_transform = Dense(cfg.width, ("embed", "embed_out"), lora=self.lora, dtype=self.dtype,
                                       param_dtype=self.param_dtype)
             self.lm_layernorm = LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype)
-            self.lm_bias = self.param("lm_bias", logical(nn.initializers.zeros, ("vocab",)), (cfg.vocab_size,),
+            self.lm_bias = self.param("lm_bias", logical(nn.initializers.zeros, ("qformer_vocab",)), (cfg.vocab_size,),
                                       self.param_dtype)
 
     def __call__(self, queries, text_ids=None, text_mask=None, image_embeds=None, mode: str = "bidirectional",

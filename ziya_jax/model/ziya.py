@@ -8,6 +8,7 @@ Chat also feeds it the instruction text, and only the query outputs go on to the
 from __future__ import annotations
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -18,6 +19,7 @@ from ziya_jax.model.layers import Dense, default_init, logical
 from ziya_jax.model.llama import Llama
 from ziya_jax.model.qformer import QFormer
 from ziya_jax.model.vit import VisionTransformer
+from ziya_jax.tree import flatten
 
 
 def default_positions(attention_mask):
@@ -109,6 +111,12 @@ def dummy_inputs(cfg: ModelConfig, batch: int = 1, text_len: int = 4):
     return input_ids, pixels, qformer_ids
 
 
+def init_fn(cfg: ModelConfig):
+    """rng -> boxed parameters (with logical axis names) of a fresh model."""
+    model = ZiyaVisual(cfg)
+    return lambda rng: model.init(rng, *dummy_inputs(cfg), method=ZiyaVisual.initialize)["params"]
+
+
 def init_params(cfg: ModelConfig, rng):
     """Unboxed parameters (plain nested dicts of arrays); see ziya_jax.sharding for sharded init."""
     return nn.meta.unbox(_jitted_init(cfg)(rng))
@@ -117,12 +125,17 @@ def init_params(cfg: ModelConfig, rng):
 @functools.lru_cache(maxsize=8)
 def _jitted_init(cfg: ModelConfig):
     """One compiled initialiser per config (compiling it costs more than running it)."""
-    model = ZiyaVisual(cfg)
-    return jax.jit(lambda r: model.init(r, *dummy_inputs(cfg), method=ZiyaVisual.initialize)["params"])
+    abstract_params(cfg)  # validates the LoRA targets
+    return jax.jit(init_fn(cfg))
 
 
 def abstract_params(cfg: ModelConfig):
-    """ShapeDtypeStructs of every parameter, boxed with their logical axis names; nothing is allocated."""
-    model = ZiyaVisual(cfg)
-    return jax.eval_shape(lambda r: model.init(r, *dummy_inputs(cfg), method=ZiyaVisual.initialize),
-                          jax.random.key(0))["params"]
+    """ShapeDtypeStructs of every parameter, boxed with their logical axis names; nothing is allocated.
+    Raises if a LoRA target matches no layer (a typo would otherwise silently train without adapters)."""
+    params = jax.eval_shape(init_fn(cfg), jax.random.key(0))
+    if cfg.lora.rank:
+        paths = ["/".join(p[:-1]) for p in flatten(nn.meta.unbox(params)) if p[-1] == "lora_a"]
+        unused = [t for t in cfg.lora.targets if not any(re.fullmatch(t, p) for p in paths)]
+        if unused:
+            raise ValueError(f"model.lora.targets {unused} match no Dense layer")
+    return params

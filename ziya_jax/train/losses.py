@@ -64,7 +64,7 @@ def _stage1(module: ZiyaVisual, pixel_values, text_ids, text_mask, rng, dec_toke
         text_out = module.qformer(None, text_ids, text_mask, None, "bidirectional", deterministic)
         image_feats = _l2_normalise(module.vision_proj(query_out))
         text_feats = _l2_normalise(module.text_proj(text_out[:, 0]))
-        sim_i2t, sim_t2i = itc_similarities(image_feats, text_feats, jnp.clip(module.temp, 0.001, 0.5))
+        sim_i2t, sim_t2i = itc_similarities(image_feats, text_feats, module.temp)
         losses["itc"] = itc_loss(sim_i2t, sim_t2i)
     if "itm" in names:
         rng_img, rng_txt = jax.random.split(rng)

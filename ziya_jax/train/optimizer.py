@@ -30,14 +30,19 @@ def schedule(opt: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def make_optimizer(opt: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """For the flat {path: leaf} dict of trainable parameters."""
-    decay = lambda flat: {p: not matches(p, NO_DECAY) for p in flat}
+    """For the nested dict of trainable parameters."""
+    decay = lambda tree: unflatten({p: not matches(p, NO_DECAY) for p in flatten(tree)})
     tx = optax.chain(
         optax.clip_by_global_norm(opt.grad_clip),
         optax.adamw(schedule(opt), b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=decay))
     if opt.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=opt.grad_accum_steps)
     return tx
+
+
+def logged_lr(opt: ml_collections.ConfigDict) -> optax.Schedule:
+    """The learning rate in force at a train step (MultiSteps advances the schedule once per accumulation)."""
+    return lambda step: schedule(opt)(step // opt.grad_accum_steps)
 
 
 def default_optimizer(**overrides) -> ml_collections.ConfigDict:

@@ -41,7 +41,11 @@ class Stage:
     """What one training stage does, read from config.train."""
     trainable: tuple[str, ...]
     loss_weights: tuple[tuple[str, float], ...]
-    dec_token_id: int = 1
+    dec_token_id: int = -1  # the Q-Former tokenizer's [DEC]; needed when ITG is among the losses
+
+    def __post_init__(self):
+        if any(k == "itg" for k, _ in self.loss_weights) and self.dec_token_id < 0:
+            raise ValueError("ITG needs train.dec_token_id: the Q-Former tokenizer's [DEC] id")
 
     @classmethod
     def from_config(cls, train: ml_collections.ConfigDict) -> "Stage":
@@ -51,7 +55,7 @@ class Stage:
             raise ValueError(f"train.losses={dict(train.losses)}: use {STAGE1_LOSSES} (stage 1) or {LM_LOSSES}")
         if not train.trainable:
             raise ValueError("train.trainable is empty: nothing would train")
-        return cls(tuple(train.trainable), weights, train.get("dec_token_id", 1))
+        return cls(tuple(train.trainable), weights, train.get("dec_token_id", -1))
 
 
 def init_state(params, stage: Stage, tx: optax.GradientTransformation, rng) -> TrainState:
@@ -83,5 +87,7 @@ def train_step(state: TrainState, batch, cfg: ModelConfig, stage: Stage, tx: opt
     (total, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
+    if "temp" in trainable:  # BLIP-2 keeps the ITC temperature in [0.001, 0.5] by clamping the parameter
+        trainable = {**trainable, "temp": jnp.clip(trainable["temp"], 0.001, 0.5)}
     metrics = {"loss": total, **losses, "grad_norm": optax.global_norm(grads), "lr": lr_schedule(state.step)}
     return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, rng=rng), metrics
