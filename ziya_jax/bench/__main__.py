@@ -1,4 +1,4 @@
-"""python -m ziya_jax.bench {decode} [options]"""
+"""python -m ziya_jax.bench {decode,data} [options]"""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,17 @@ def main(argv=None) -> int:
     decode.add_argument("--new-tokens", type=int, default=64)
     decode.add_argument("--repeats", type=int, default=2, help="timed runs per row (best is reported)")
     decode.add_argument("--small", action="store_true", help="a tiny model, to check the benchmark itself quickly")
+    data = sub.add_parser("data", help="input pipeline examples/s vs the demo train step's consumption")
+    data.add_argument("--config", default="configs/demo.py:stage=2")
+    data.add_argument("--workers", type=int, default=2)
+    data.add_argument("--batches", type=int, default=20)
+    data.add_argument("--steps", type=int, default=5)
     args = parser.parse_args(argv)
+    if args.name == "data":
+        from ziya_jax.bench import data as bench_data
+
+        bench_data.run(args)
+        return 0
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
