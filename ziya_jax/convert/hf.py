@@ -12,12 +12,15 @@ from typing import Any, Mapping
 import numpy as np
 
 from ziya_jax.config import LlamaConfig, ModelConfig, QFormerConfig, VisionConfig
-from ziya_jax.tree import flatten, unflatten
+from ziya_jax.tree import flatten, matches, unflatten
 
-TARGETS = ("blip2", "instructblip", "llama")
 # ziya_jax parameters with no counterpart in a generation checkpoint of transformers.
 PRETRAIN_ONLY = ("vision_proj", "text_proj", "itm_head", "temp", "qformer/lm_transform", "qformer/lm_layernorm",
                  "qformer/lm_bias")
+
+
+# Blip2ForConditionalGeneration's Q-Former has no text branch.
+QFORMER_TEXT_BRANCH = (r"qformer/(word|position)_embeddings", r"qformer/layer/layer_\d+/(intermediate|output)")
 
 
 class ConversionError(ValueError):
@@ -31,15 +34,9 @@ def target_for(cfg: ModelConfig) -> str:
 def _exported(path, cfg: ModelConfig, target: str) -> bool:
     if "lora_a" in path or "lora_b" in path:
         return False
-    joined = "/".join(path)
     if target == "llama":
         return path[0] == "language_model"
-    if any(joined == p or joined.startswith(p + "/") for p in PRETRAIN_ONLY):
-        return False
-    if target == "blip2" and path[0] == "qformer" and (
-            path[1] in ("word_embeddings", "position_embeddings") or (len(path) > 3 and path[3] in ("intermediate", "output"))):
-        return False  # the text branch: Blip2ForConditionalGeneration's Q-Former has none
-    return True
+    return not matches(path, PRETRAIN_ONLY) and not (target == "blip2" and matches(path, QFORMER_TEXT_BRANCH))
 
 
 def _leaf_name(leaf: str) -> str:
