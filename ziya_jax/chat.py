@@ -56,13 +56,26 @@ def load_image(path: str, size: int) -> np.ndarray:
         raise ValueError(f"cannot read image {e}") from None
 
 
+def qformer_inputs(cfg, qtok: QFormerTokenizer | None, instruction: str) -> dict:
+    """For a Chat model, the instruction in Q-Former tokens (left-truncated), batch of one; {} for Base."""
+    if cfg.variant != "chat":
+        return {}
+    require_qformer_tokenizer(cfg, qtok)
+    q = formats.encode_qformer_text(instruction, qtok, QFORMER_TEXT_LEN)
+    return dict(qformer_ids=q["ids"][None], qformer_mask=q["mask"][None])
+
+
+def require_qformer_tokenizer(cfg, qtok):
+    if cfg.variant == "chat" and qtok is None:
+        raise ValueError("a Chat model needs the Q-Former tokenizer (qformer.model or vocab.txt)")
+
+
 class ChatSession:
     """A conversation: finished turns, the images given so far, and where each entered."""
 
     def __init__(self, params, cfg, tok: SentencePieceTokenizer, qtok: QFormerTokenizer | None,
                  decode: DecodeConfig):
-        if cfg.variant == "chat" and qtok is None:
-            raise ValueError("a Chat model needs the Q-Former tokenizer (qformer.model or vocab.txt)")
+        require_qformer_tokenizer(cfg, qtok)
         self.params, self.cfg, self.tok, self.qtok = params, cfg, tok, qtok
         self.decode = dataclasses.replace(decode, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
         self.reset()
@@ -82,10 +95,7 @@ class ChatSession:
         ids = np.asarray([formats.encode_prompt(self.history, full_query, self.tok, self.cfg.image_token_id,
                                                 self.cfg.num_query_tokens)], np.int32)
         pixels = np.stack(self.images)[None] if self.images else None
-        qformer = {}
-        if self.cfg.variant == "chat":  # the instruction: the latest question, left-truncated
-            q = formats.encode_qformer_text(query, self.qtok, QFORMER_TEXT_LEN)
-            qformer = dict(qformer_ids=q["ids"][None], qformer_mask=q["mask"][None])
+        qformer = qformer_inputs(self.cfg, self.qtok, query)  # the instruction: the latest question
         tokens, lengths = generate(self.params, self.cfg, ids, None, pixels, dc=self.decode, rng=rng,
                                    on_token=on_token, **qformer)
         new = [int(t) for t in tokens[0, :lengths[0]] if t != self.tok.eos_id]

@@ -15,7 +15,7 @@ import sys
 import jax
 import numpy as np
 
-from ziya_jax.chat import (QFORMER_TEXT_LEN, add_decode_flags, decode_config, load_image, load_tokenizers,
+from ziya_jax.chat import (add_decode_flags, decode_config, load_image, load_tokenizers, qformer_inputs,
                            tokenizer_dir)
 from ziya_jax.decode import DecodeConfig, generate
 
@@ -56,11 +56,7 @@ def main(argv=None) -> int:
             ids = formats.encode_prompt([], formats.IMAGE * len(pixels) + args.prompt, tok, cfg.image_token_id,
                                         cfg.num_query_tokens)
             dc = dataclasses.replace(dc, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-            if cfg.variant == "chat":
-                if qtok is None:
-                    raise ValueError("a Chat model needs the Q-Former tokenizer (qformer.model or vocab.txt)")
-                q = formats.encode_qformer_text(args.prompt, qtok, QFORMER_TEXT_LEN)
-                qformer = dict(qformer_ids=q["ids"][None], qformer_mask=q["mask"][None])
+            qformer = qformer_inputs(cfg, qtok, args.prompt)
         else:
             ids = parse_ids(args.input_ids, "--input-ids")
             if pixels and cfg.image_token_id not in ids:

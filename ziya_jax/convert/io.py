@@ -45,9 +45,8 @@ def read_tensors(directory: str, allow_pickle: bool = False) -> dict[str, np.nda
                 raise ConversionError(f"{index} names {os.path.basename(path)}, which is missing")
             with jax.default_device(jax.devices("cpu")[0]), safe_open(path, framework="flax") as f:
                 for key in f.keys():
-                    if not key.endswith("rotary_emb.inv_freq"):  # a buffer some old checkpoints saved
-                        tensors[key] = np.asarray(f.get_tensor(key))
-        return tensors
+                    tensors[key] = np.asarray(f.get_tensor(key))
+        return _without_buffers(tensors)
     pickles = sorted(glob.glob(os.path.join(directory, "*.bin")))
     if not pickles:
         raise ConversionError(f"no *.safetensors (or *.bin) weights in {directory}")
@@ -60,18 +59,20 @@ def read_tensors(directory: str, allow_pickle: bool = False) -> dict[str, np.nda
     tensors = {}
     for path in pickles:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        tensors.update({k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()
-                        if not k.endswith("rotary_emb.inv_freq")})
-    return tensors
+        tensors.update({k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()})
+    return _without_buffers(tensors)
+
+
+def _without_buffers(tensors: dict) -> dict:
+    """Drops rotary `inv_freq` buffers, which some older LLaMA checkpoints saved beside the weights."""
+    return {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
 
 
 def apply_llama_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Ziya-LLaMA's published delta: target = base + delta for every tensor, except the (vocab-extended)
-    embed_tokens and lm_head, which are taken from the delta alone; rotary inv_freq buffers are dropped."""
+    embed_tokens and lm_head, which are taken from the delta alone. Both as read by read_tensors."""
     out, problems = {}, []
     for key, d in delta.items():
-        if key.endswith("rotary_emb.inv_freq"):
-            continue
         if "embed_tokens" in key or "lm_head" in key:
             out[key] = d
         elif key not in base:
@@ -80,8 +81,7 @@ def apply_llama_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.nda
             problems.append(f"{key}: base {base[key].shape} vs delta {d.shape}")
         else:
             out[key] = (base[key].astype(np.float32) + d.astype(np.float32)).astype(d.dtype)
-    problems += [f"{k}: in the base, not in the delta" for k in base
-                 if k not in delta and not k.endswith("rotary_emb.inv_freq")]
+    problems += [f"{k}: in the base, not in the delta" for k in base if k not in delta]
     if problems:
         raise ConversionError("base and delta LLaMA do not match:\n  " + "\n  ".join(sorted(problems)))
     return out
