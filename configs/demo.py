@@ -1,9 +1,11 @@
 """The demo: a tiny Ziya-Visual trained from scratch through the three stages on the bundled synthetic set.
 
-Usage: --config configs/demo.py:stage=1|2|3[,variant=base|chat]. The LLM vocabulary is the demo tokenizer's
-1024 pieces (python -m ziya_jax.data tokenizers) plus the image placeholder (id 1024); the Q-Former's is the demo
-Q-Former tokenizer's 512. Everything trains from scratch here, so the stages unfreeze what they must: stage 1 the
-ViT with the Q-Former, stage 2 the LLM with the projection (and the Chat Q-Former), stage 3 the Q-Former and
+Usage: --config configs/demo.py[:variant=base|chat] trains stages 1, 2 and 3 in turn (each in WORKDIR/stageN,
+each starting from the previous one's model); --config configs/demo.py:stage=N[,variant=...] is one stage.
+The LLM vocabulary is the demo tokenizer's 1024 pieces (trained into WORKDIR/tokenizers when missing) plus the
+image placeholder (id 1024); the Q-Former's is the demo Q-Former tokenizer's 512. Everything trains from
+scratch here, so the stages unfreeze what they must: stage 1 the ViT with the Q-Former (ITC/ITM/ITG on
+captions), stage 2 the LLM and projection with the ViT and Q-Former (instructions), stage 3 the Q-Former and
 projection plus LoRA on the ViT and LLM attention, as in the paper's stage 3.
 """
 import ml_collections
@@ -14,21 +16,24 @@ from ziya_jax.train.optimizer import default_optimizer
 LORA_TARGETS = (r"vision_model/layers/self_attn/(qkv|projection)",
                 r"language_model/layers/self_attn/(q_proj|k_proj|v_proj|o_proj)")
 STAGE1_HEADS = ("vision_proj", "text_proj", "itm_head", "temp")
+QFORMER = ("qformer", "query_tokens")
+TRAINABLE = {
+    1: ("vision_model",) + QFORMER + STAGE1_HEADS,
+    2: ("vision_model", "language_model", "language_projection") + QFORMER,
+    3: QFORMER + ("language_projection", r".*/lora_[ab]"),
+}
+# Instruction mixtures (task, weight) on the synthetic train split; VQA leads, as it is what the demo is scored on.
+MIXTURE = {
+    2: (("vqa", 4.0), ("caption", 1.0), ("grounding", 1.0), ("conversation", 1.0)),
+    3: (("vqa", 3.0), ("grounding", 1.5), ("grounded_caption", 1.0), ("caption", 0.5), ("conversation", 1.0)),
+}
+STEPS = {1: 150, 2: 300, 3: 150}
+LR = {1: 1e-3, 2: 1e-3, 3: 5e-4}
+EVAL_TASKS = {1: ("retrieval",), 2: (), 3: ("vqa", "caption", "grounding")}
 
 
-def trainable(stage: int, variant: str) -> tuple:
-    qformer = ("qformer", "query_tokens")
-    if stage == 1:
-        return ("vision_model",) + qformer + STAGE1_HEADS
-    if stage == 2:
-        return ("language_model", "language_projection") + (qformer if variant == "chat" else ())
-    return qformer + ("language_projection", r".*/lora_[ab]")
-
-
-def get_config(arg=None):
-    args = parse_arg(arg, stage=2, variant="chat", lora_rank=8)
-    stage, variant = args["stage"], args["variant"]
-    model = dict(
+def model_config(variant: str) -> dict:
+    return dict(
         variant=variant,
         vision=dict(image_size=64, patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512),
         qformer=dict(width=128, depth=2, num_heads=4, mlp_dim=512, cross_attention_frequency=1, vocab_size=512,
@@ -38,16 +43,38 @@ def get_config(arg=None):
         num_query_tokens=16,
         image_token_id=1024,
     )
+
+
+def stage_config(stage: int, variant: str, lora_rank: int) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.stage = stage
-    config.model = for_stage(model, stage, LORA_TARGETS, args["lora_rank"])
-    config.data = dict(batch_size=32, text_len=96, image_size=64, max_images=1,
-                       qformer_text_len=32 if (stage == 1 or variant == "chat") else 0, num_workers=0)
+    config.model = for_stage(model_config(variant), stage, LORA_TARGETS, lora_rank)
+    train_split = dict(kind="synthetic", split="train", n=20000)
+    mixture = [dict(train_split, task="caption", weight=1.0)] if stage == 1 else \
+        [dict(train_split, task=t, weight=w) for t, w in MIXTURE[stage]]
+    config.data = dict(tokenizers="demo", sources=mixture, batch_size=32, text_len=72, max_images=1,
+                       qformer_text_len=32 if (stage == 1 or variant == "chat") else 0, num_workers=0, seed=stage)
     config.train = dict(
-        trainable=trainable(stage, variant),
+        trainable=TRAINABLE[stage] if variant == "chat" or stage != 2 else
+        tuple(t for t in TRAINABLE[2] if t not in QFORMER),
         losses=dict(itc=1.0, itm=1.0, itg=1.0) if stage == 1 else dict(lm=1.0),
-        optimizer=default_optimizer(lr=1e-3, warmup_init_lr=1e-5, warmup_steps=50, total_steps=1000, end_lr=1e-4,
-                                    b2=0.98, weight_decay=0.01, grad_clip=1.0),
+        optimizer=default_optimizer(lr=LR[stage], warmup_init_lr=1e-5, warmup_steps=min(30, STEPS[stage] // 5),
+                                    total_steps=STEPS[stage], end_lr=LR[stage] / 10, b2=0.98, weight_decay=0.01,
+                                    grad_clip=1.0),
+        init_from="",
+        seed=stage,
     )
+    config.checkpoint = dict(save_every=50, keep=2, async_save=True)
+    config.eval = dict(every=0, n=200, batch_size=50, tasks=EVAL_TASKS[stage], show=3 if stage == 3 else 0)
+    config.log_every = 5
     config.mesh = (-1, 1, 1)
+    return config
+
+
+def get_config(arg=None):
+    args = parse_arg(arg, stage=0, variant="chat", lora_rank=8)
+    if args["stage"]:
+        return stage_config(args["stage"], args["variant"], args["lora_rank"])
+    config = ml_collections.ConfigDict()
+    config.stages = {f"stage{s}": stage_config(s, args["variant"], args["lora_rank"]) for s in (1, 2, 3)}
     return config

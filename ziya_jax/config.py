@@ -163,3 +163,35 @@ def for_stage(model: dict[str, Any], stage: int, lora_targets: tuple[str, ...], 
     if stage == 3 and chat:
         model["lora"] = dict(rank=lora_rank, alpha=2.0 * lora_rank, dropout=0.05, targets=tuple(lora_targets))
     return model
+
+
+def override(config, assignment: str) -> None:
+    """Apply 'a.b.c=value' to an ml_collections config in place. The key must exist (a typo is an error, not
+    a silently added key); the value is parsed as a Python literal unless the existing value is a string."""
+    import ast
+
+    path, sep, text = assignment.partition("=")
+    if not sep or not path:
+        raise ValueError(f"override {assignment!r} is not KEY=VALUE")
+    keys = path.split(".")
+    node = config
+    for i, key in enumerate(keys):
+        known = sorted(node.keys()) if hasattr(node, "keys") else []
+        if key not in known:
+            where = ".".join(keys[:i]) or "the config"
+            raise KeyError(f"unknown config key {path!r}: {where} has no {key!r} (known: {known})")
+        if i < len(keys) - 1:
+            node = node[key]
+    leaf = keys[-1]
+    old = node[leaf]
+    if isinstance(old, str):
+        value = text
+    else:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"override {assignment!r}: {text!r} is not a Python literal") from None
+    try:
+        node[leaf] = value  # ConfigDict checks the type (an int may become a float, nothing else changes type)
+    except TypeError as e:
+        raise ValueError(f"override {assignment!r}: {e}") from None

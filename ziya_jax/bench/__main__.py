@@ -1,4 +1,4 @@
-"""python -m ziya_jax.bench {decode,data} [options]"""
+"""python -m ziya_jax.bench {decode,train,data} [options]"""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,10 @@ def main(argv=None) -> int:
     decode.add_argument("--new-tokens", type=int, default=64)
     decode.add_argument("--repeats", type=int, default=2, help="timed runs per row (best is reported)")
     decode.add_argument("--small", action="store_true", help="a tiny model, to check the benchmark itself quickly")
+    train = sub.add_parser("train", help="stage-3 LoRA train step vs a PyTorch reference, and MFU")
+    train.add_argument("--batch", type=int, default=8)
+    train.add_argument("--steps", type=int, default=3, help="timed steps per side (median is reported)")
+    train.add_argument("--small", action="store_true", help="a tiny model, to check the benchmark itself quickly")
     data = sub.add_parser("data", help="input pipeline examples/s vs the demo train step's consumption")
     data.add_argument("--config", default="configs/demo.py:stage=2")
     data.add_argument("--workers", type=int, default=2)
@@ -29,6 +33,11 @@ def main(argv=None) -> int:
     except ImportError:
         print("error: the benchmarks compare against transformers; pip install -e '.[dev]'", file=sys.stderr)
         return 2
+    if args.name == "train":
+        from ziya_jax.bench import train as bench_train
+
+        bench_train.run(args)
+        return 0
     from ziya_jax.bench import decode as bench_decode
 
     bench_decode.run(args)

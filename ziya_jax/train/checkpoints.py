@@ -14,15 +14,18 @@ log = logging.getLogger(__name__)
 
 class Checkpoints:
     def __init__(self, directory: str, save_every: int, keep: int, async_save: bool = True):
-        options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        self.save_every = save_every
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
     def save(self, step: int, state, data_iterator, force: bool = False) -> bool:
-        """Saves when `step` is on the interval (or force); returns whether a save started."""
+        """Saves when `step` is a multiple of save_every (or force); returns whether a save started. (Orbax's own
+        interval would also save the first step of every run.)"""
+        if not force and step % self.save_every:
+            return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=grain.checkpoint.CheckpointSave(data_iterator))
-        return self.manager.save(step, args=args, force=force)
+        return self.manager.save(step, args=args, force=True)
 
     def restore_latest(self, abstract_state, data_iterator):
         """(state, step) from the newest readable checkpoint, or None when there is none. An unreadable newest

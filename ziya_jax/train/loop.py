@@ -1,0 +1,251 @@
+"""The training loop: one stage (config with model/data/train/checkpoint/eval sections) or a pipeline of stages
+(config.stages), each in its own folder of the workdir, each starting from the previous one's model.
+
+A stage's folder holds checkpoints/ (Orbax: train state + data iterator, the resumable part), metrics.jsonl,
+tensorboard/, and when the stage is done model/ (params + model config, what the next stage, evaluation,
+chat and export read) and eval.json. Running the same command again resumes where it stopped; a finished
+stage is not trained again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from ziya_jax.checkpoint import load_model, load_model_config, save_model
+from ziya_jax.config import ModelConfig
+from ziya_jax.data import pipeline, synthetic
+from ziya_jax.data.tfds_builders import data_source
+from ziya_jax.sharding import DEFAULT_RULES, batch_sharding, init_sharded, make_mesh, param_shardings
+from ziya_jax.train.checkpoints import Checkpoints, abstract
+from ziya_jax.train.observe import Reporter, compiled_flops, peak_flops
+from ziya_jax.train.optimizer import logged_lr, make_optimizer
+from ziya_jax.train.step import Stage, init_state, train_step
+from ziya_jax.tree import flatten, unflatten
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR, EVAL_FILE = "model", "eval.json"
+DEMO_TOKENIZERS = "demo"  # data.tokenizers: train the synthetic set's tokenizers into WORKDIR/tokenizers if missing
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: the run stops, the last good checkpoint stays as it is."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM: the state was saved; rerunning the command resumes."""
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains the config's stage, or each of config.stages in order -> {stage name: eval results}."""
+    if "stages" not in config:
+        return {"stage": run_stage(config, workdir, workdir)}
+    results, previous = {}, ""
+    for name, stage_config in config.stages.items():
+        if previous and not stage_config.train.init_from:
+            stage_config = ml_collections.ConfigDict(stage_config.to_dict())
+            stage_config.train.init_from = os.path.join(previous, MODEL_DIR)
+        previous = os.path.join(workdir, name)
+        results[name] = run_stage(stage_config, previous, workdir)
+    return results
+
+
+def tokenizers(data: ml_collections.ConfigDict, root: str):
+    """(LLM tokenizer, Q-Former tokenizer or None) from data.tokenizers: a folder, or "demo"."""
+    from ziya_jax.chat import load_tokenizers
+
+    directory = data.tokenizers
+    if directory == DEMO_TOKENIZERS:
+        directory = os.path.join(root, "tokenizers")
+        if not os.path.isfile(os.path.join(directory, "qformer.model")):
+            synthetic.train_demo_tokenizers(directory)
+    return load_tokenizers(directory)
+
+
+def sources(data: ml_collections.ConfigDict, image_size: int) -> list[pipeline.Source]:
+    """data.sources: {kind: synthetic, split, n[, seed]} (rendered on the fly) or {kind: tfds, name, split,
+    data_dir}, each with a task and a mixture weight."""
+    out = []
+    for i, s in enumerate(data.sources):
+        s = ml_collections.ConfigDict(s)
+        if s.kind == "synthetic":
+            records = synthetic.SyntheticSource(s.split, s.n, image_size, s.get("seed", 0))
+        elif s.kind == "tfds":
+            records = data_source(s.name, s.split, s.data_dir)
+        else:
+            raise ValueError(f"data.sources[{i}].kind={s.kind!r}: use 'synthetic' or 'tfds'")
+        out.append(pipeline.Source(records, s.get("task", pipeline.AUTO), s.get("weight", 1.0),
+                                   f"{s.kind}:{s.get('name', '')}{s.split}/{s.get('task', pipeline.AUTO)}"))
+    return out
+
+
+def batches(data: ml_collections.ConfigDict, cfg: ModelConfig, stage1: bool, tok, qtok):
+    """The stage's Grain iterator: image-caption pairs for stage 1, instruction rows otherwise."""
+    fields = {f.name for f in dataclasses.fields(pipeline.DataConfig)}
+    options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.to_dict().items() if k in fields}
+    dcfg = pipeline.DataConfig(num_query_tokens=cfg.num_query_tokens, image_token_id=cfg.image_token_id,
+                               image_size=cfg.vision.image_size, **options)
+    srcs = sources(data, dcfg.image_size)
+    if stage1:
+        return iter(pipeline.pair_batches(srcs, dcfg, qtok))
+    return iter(pipeline.instruction_batches(srcs, dcfg, tok, qtok))
+
+
+def initial_params(cfg: ModelConfig, init_from: str, mesh, rules, seed: int):
+    """Fresh parameters, overwritten by those of the `init_from` model that this model also has (same path
+    and shape). What only this stage has (LoRA, stage-1 heads) stays freshly initialised; what only the
+    previous stage had is dropped. Both lists are logged."""
+    params = init_sharded(cfg, jax.random.key(seed), mesh, rules)
+    if not init_from:
+        return params
+    loaded, _ = load_model(init_from, param_shardings(load_model_config(init_from), mesh, rules))
+    new, old = flatten(params), flatten(loaded)
+    mismatched = [p for p in new if p in old and old[p].shape != new[p].shape]
+    if mismatched:
+        raise ValueError(f"{init_from}: shapes differ from this stage's model for {['/'.join(p) for p in mismatched]}")
+    fresh = sorted("/".join(p) for p in new if p not in old)
+    dropped = sorted("/".join(p) for p in old if p not in new)
+    log.info("init_from %s: %d tensors loaded; fresh: %s; not used: %s", init_from, len(new) - len(fresh),
+             fresh or "none", dropped or "none")
+    return unflatten({p: old.get(p, v) for p, v in new.items()})
+
+
+def _host_metrics(metrics) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _count_tokens(batch: dict) -> int:
+    return int(np.sum(batch["attention_mask"] if "attention_mask" in batch else batch["text_mask"]))
+
+
+def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dict:
+    """Trains one stage into `workdir` (resuming from its checkpoints) -> the stage's eval results."""
+    final = os.path.join(workdir, MODEL_DIR)
+    if os.path.isdir(final):
+        print(f"{workdir}: already trained ({final} exists)")
+        return _read_eval(workdir)
+    cfg = ModelConfig.from_dict(config.model.to_dict())
+    train = config.train
+    tok, qtok = tokenizers(config.data, root)
+    stage1 = set(train.losses) <= {"itc", "itm", "itg"}
+    train_dict = train.to_dict()
+    if stage1 and "itg" in train.losses:
+        if qtok is None:
+            raise ValueError("stage-1 training needs a Q-Former tokenizer (for [DEC] and the captions)")
+        train_dict["dec_token_id"] = qtok.dec_id
+    stage = Stage.from_config(ml_collections.ConfigDict(train_dict))
+    tx, lr_at = make_optimizer(train.optimizer), logged_lr(train.optimizer)
+    mesh = make_mesh(config.mesh)
+    rules = tuple(tuple(r) for r in config.get("rules", DEFAULT_RULES))
+    data_iter = batches(config.data, cfg, stage1, tok, qtok)
+    total = train.optimizer.total_steps
+    ckpt = config.checkpoint
+    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), ckpt.save_every, ckpt.keep, ckpt.async_save)
+
+    params = initial_params(cfg, train.init_from, mesh, rules, train.seed)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state = jax.jit(lambda p, r: init_state(p, stage, tx, r))(params, jax.random.key(train.seed + 1))
+        del params
+        restored = checkpoints.restore_latest(abstract(state), data_iter)
+        start = 0
+        if restored is not None:
+            state, start = restored
+            print(f"{workdir}: resuming from the checkpoint of step {start}")
+        step_fn = jax.jit(functools.partial(train_step, cfg=cfg, stage=stage, tx=tx, lr_schedule=lr_at),
+                          donate_argnums=0)
+        reporter = Reporter(workdir, total, start, config.log_every, f"stage {config.stage}")
+        stop = _SigtermFlag()
+        compiled, peak, flops = None, 0.0, 0.0
+        try:
+            for step in range(start + 1, total + 1):
+                host_batch = next(data_iter)
+                batch = {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+                         for k, v in host_batch.items()}
+                if compiled is None:
+                    compiled = step_fn.lower(state, batch).compile()
+                    flops = compiled_flops(compiled)
+                    peak = peak_flops()[0] * jax.device_count()
+                t0 = time.perf_counter()
+                state, metrics = compiled(state, batch)
+                metrics = _host_metrics(metrics)
+                seconds = time.perf_counter() - t0
+                if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
+                    checkpoints.wait()
+                    raise TrainingDiverged(
+                        f"step {step}: loss {metrics['loss']}, grad norm {metrics['grad_norm']}; stopping. The last "
+                        f"good checkpoint (step {checkpoints.manager.latest_step()}) in {workdir} is untouched: "
+                        "lower the learning rate or check the data, then rerun to resume from it")
+                n = len(next(iter(host_batch.values())))
+                metrics.update(examples_per_s=n * jax.process_count() / seconds,
+                               tokens_per_s=_count_tokens(host_batch) * jax.process_count() / seconds,
+                               mfu=flops / seconds / peak if peak else 0.0,
+                               skipped=float(sum(data_iter.skipped.values())))
+                reporter.step(step, metrics)
+                checkpoints.save(step, state, data_iter, force=stop.raised or step == total)
+                if stop.raised:
+                    checkpoints.wait()
+                    raise Preempted(f"SIGTERM at step {step}: saved; rerun the same command to resume")
+                if config.eval.every and step % config.eval.every == 0 and step < total:
+                    reporter.scalars(step, "eval", _flat_scores(evaluate(config, state.params(), cfg, tok, qtok)))
+            checkpoints.wait()
+        finally:
+            stop.restore()
+            reporter.close()
+            checkpoints.close()
+        if data_iter.skipped:
+            print(f"{workdir}: skipped samples by reason: {dict(data_iter.skipped)}")
+        params = state.params()
+        save_model(final + ".tmp", params, cfg)
+        os.replace(final + ".tmp", final)
+        results = evaluate(config, params, cfg, tok, qtok, show=config.eval.show)
+        with open(os.path.join(workdir, EVAL_FILE), "w", encoding="utf-8") as f:
+            json.dump(results, f, ensure_ascii=False, indent=1)
+    return results
+
+
+def evaluate(config, params, cfg: ModelConfig, tok, qtok, show: int = 0) -> dict:
+    """The stage's evaluation hook (config.eval: tasks on the synthetic test split); {} when it has none."""
+    if not config.eval.tasks:
+        return {}
+    from ziya_jax.evaluate.synthetic import evaluate_synthetic
+
+    return evaluate_synthetic(params, cfg, tok, qtok, image_size=cfg.vision.image_size, n=config.eval.n,
+                              batch_size=config.eval.batch_size, tasks=tuple(config.eval.tasks), show=show)
+
+
+def _flat_scores(results: dict) -> dict[str, float]:
+    return {f"{lang}/{k}": v for lang, scores in results.items() if isinstance(scores, dict)
+            for k, v in scores.items() if isinstance(v, (int, float))}
+
+
+def _read_eval(workdir: str) -> dict:
+    path = os.path.join(workdir, EVAL_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class _SigtermFlag:
+    """Turns SIGTERM (a preemption notice) into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.raised = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self.previous)

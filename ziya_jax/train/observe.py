@@ -1,0 +1,119 @@
+"""What a run shows while it trains: a progress bar, TensorBoard event files and metrics.jsonl in the workdir,
+and the FLOP figures behind the MFU estimate."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+# Dense bf16 matmul peaks per chip (vendor figures), by a substring of jax's device_kind.
+PEAK_FLOPS = (("v6 lite", 918e12), ("v6e", 918e12), ("v5p", 459e12), ("v5 lite", 197e12), ("v5e", 197e12),
+              ("v4", 275e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12))
+METRICS_FILE = "metrics.jsonl"
+
+
+def measure_matmul_flops(n: int = 1024, dtype=jnp.float32, seconds: float = 0.5) -> float:
+    """FLOP/s of a square matmul on the default device: the peak an MFU is measured against where no vendor
+    figure applies (CPUs)."""
+    a = jnp.ones((n, n), dtype)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        matmul(a).block_until_ready()
+        runs += 1
+    return 2 * n ** 3 * runs / (time.perf_counter() - start)
+
+
+def peak_flops(device=None) -> tuple[float, str]:
+    """(FLOP/s, where the figure comes from) for one device."""
+    device = device or jax.devices()[0]
+    for key, flops in PEAK_FLOPS:
+        if key.lower() in device.device_kind.lower():
+            return flops, f"{device.device_kind} bf16 peak"
+    return measure_matmul_flops(), f"measured f32 matmul on {device.device_kind}"
+
+
+def compiled_flops(compiled) -> float:
+    """FLOPs of one call of a compiled program, from XLA's cost analysis (0 where the backend gives none)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
+class Reporter:
+    """Per-step metrics to the progress bar (every `log_every` steps), TensorBoard and metrics.jsonl (every
+    step, one line per step: a resumed run first drops the lines past the step it restored)."""
+
+    def __init__(self, workdir: str, total_steps: int, start_step: int, log_every: int, desc: str):
+        from tensorboardX import SummaryWriter
+
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, METRICS_FILE)
+        _truncate_after(self.path, start_step)
+        self.jsonl = open(self.path, "a", encoding="utf-8")
+        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, smoothing=0.1)
+        self.log_every = log_every
+
+    def step(self, step: int, metrics: dict[str, float]) -> None:
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            self.writer.add_scalar(f"train/{k}", v, step)
+        self.bar.update(1)
+        if step % self.log_every == 0:
+            self.bar.set_postfix_str(_short(metrics), refresh=False)
+
+    def scalars(self, step: int, prefix: str, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.writer.add_scalar(f"{prefix}/{k}", v, step)
+        self.writer.flush()
+
+    def write(self, text: str) -> None:
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
+        self.jsonl.close()
+
+
+SHOWN = ("loss", "lm", "itc", "itm", "itg", "lr", "grad_norm", "examples_per_s", "tokens_per_s", "mfu")
+
+
+def _short(metrics: dict[str, float]) -> str:
+    names = {"examples_per_s": "ex/s", "tokens_per_s": "tok/s", "grad_norm": "gnorm"}
+    parts = []
+    for k in SHOWN:
+        if k in metrics:
+            v = metrics[k]
+            text = f"{v:.1%}" if k == "mfu" else f"{v:.2e}" if k == "lr" else f"{v:.0f}" if v >= 100 else f"{v:.3f}"
+            parts.append(f"{names.get(k, k)}={text}")
+    return " ".join(parts)
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """Drop the lines of steps > `step` (written by a run that died after its last checkpoint)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, METRICS_FILE)
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def mean_of(rows: list[dict], key: str, last: int) -> float:
+    return float(np.mean([r[key] for r in rows[-last:] if key in r]))
