@@ -20,6 +20,7 @@ setup(
         "pillow>=11",
         "safetensors>=0.6",
         "tqdm>=4.66",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     ],
     extras_require={
         # Ground truth for the tests: transformers (PyTorch, CPU) on the same weights.
