@@ -147,6 +147,8 @@ def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(config_file, tm
     assert "step 4" in result.stderr and "unreadable" in result.stderr
     assert "resuming from the checkpoint of step 2" in result.stdout
     assert [r["step"] for r in read_metrics(str(tmp_path))] == list(range(1, 7))
+    assert saved_steps(tmp_path) == [4, 6]  # step 4 saved again; the unreadable one kept aside
+    assert os.path.isdir(os.path.join(tmp_path, "checkpoints", "unreadable-4"))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(config_file, tmp_path, monkeypatch):

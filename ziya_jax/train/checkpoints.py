@@ -8,6 +8,7 @@ import os
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental.multihost_utils import sync_global_devices
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,9 @@ class Checkpoints:
 
     def restore_latest(self, abstract_state, data_iterator):
         """(state, step) from the newest readable checkpoint, or None when there is none. An unreadable newest
-        one is reported and the previous one used; if checkpoints exist but none reads, this raises rather than
-        silently starting again from step 0."""
+        one is reported, moved aside to `unreadable-STEP` (kept for inspection, and out of the way of the step
+        the resumed run will save again) and the previous one used; if checkpoints exist but none reads, this
+        raises rather than silently starting again from step 0."""
         steps = sorted(self.manager.all_steps(), reverse=True)
         for step in steps:
             try:
@@ -41,11 +43,23 @@ class Checkpoints:
                 log.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one",
                             step, self.manager.directory, type(e).__name__, e)
                 continue
+            if step != steps[0]:
+                self._move_aside(steps[:steps.index(step)])
             return restored["state"], step
         if steps:
             raise RuntimeError(f"checkpoints {steps} exist in {self.manager.directory} but none could be read; "
                                "refusing to restart from step 0")
         return None
+
+    def _move_aside(self, steps):
+        directory = str(self.manager.directory)
+        if jax.process_index() == 0:
+            for step in steps:
+                aside = os.path.join(directory, f"unreadable-{step}")
+                os.replace(os.path.join(directory, str(step)), aside)
+                log.warning("moved the unreadable checkpoint of step %d to %s", step, aside)
+        sync_global_devices("checkpoints moved aside")
+        self.manager.reload()
 
     def wait(self):
         self.manager.wait_until_finished()
