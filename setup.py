@@ -21,9 +21,13 @@ setup(
         "safetensors>=0.6",
         "tqdm>=4.66",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+        "pycocoevalcap>=1.2",  # CIDEr / BLEU / METEOR scorers for captioning evaluation
+        "jieba>=0.42",  # Chinese word segmentation for Chinese caption metrics
     ],
     extras_require={
         # Ground truth for the tests: transformers (PyTorch, CPU) on the same weights.
-        "dev": ["pytest>=8", "torch==2.13.0", "transformers>=5.23,<6"],
+        "dev": ["pytest>=8", "torch==2.13.0", "transformers>=5.23,<6", "libtpu"],
+        # Compiling for TPU topologies on any host (python -m ziya_jax.compile), and running on TPU VMs.
+        "tpu": ["libtpu"],
     },
 )
