@@ -1,13 +1,28 @@
 """Ziya-Visual-Chat, full size: EVA ViT-g (39 layers) + instruction-aware Q-Former + Ziya-LLaMA-13B.
 
 Usage: --config configs/ziya_chat_14b.py:stage=3 (stage 1, 2 or 3; variant=base gives the Base model).
+What trains follows the paper: stage 1 the Q-Former and its ITC/ITM/ITG heads on a frozen ViT; stage 2 the
+projection (Base) or the instruction-aware Q-Former and the projection (Chat); stage 3 the Q-Former and the
+projection, plus LoRA on the ViT and LLM attention for Chat. The optimizer is the paper's.
 """
 import ml_collections
 
 from ziya_jax.config import for_stage, parse_arg
+from ziya_jax.train.optimizer import default_optimizer
 
 LORA_TARGETS = (r"vision_model/layers/self_attn/(qkv|projection)",
                 r"language_model/layers/self_attn/(q_proj|k_proj|v_proj|o_proj)")
+QFORMER = ("qformer", "query_tokens")
+STAGE1_HEADS = ("vision_proj", "text_proj", "itm_head", "temp")
+DEC_TOKEN_ID = 30522  # [DEC], appended to bert-base-uncased's 30522 pieces (Q-Former vocabulary 30523)
+
+
+def trainable(stage: int, variant: str) -> tuple[str, ...]:
+    if stage == 1:
+        return QFORMER + STAGE1_HEADS
+    if stage == 2:
+        return (QFORMER if variant == "chat" else ()) + ("language_projection",)
+    return QFORMER + ("language_projection",) + ((r".*/lora_[ab]",) if variant == "chat" else ())
 
 
 def get_config(arg=None):
@@ -29,5 +44,17 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.stage = args["stage"]
     config.model = for_stage(model, args["stage"], LORA_TARGETS, args["lora_rank"])
-    config.mesh = (1, -1, 1)  # (data, fsdp, tensor)
+    stage1, chat = args["stage"] == 1, args["variant"] == "chat"
+    # Global batch and sequence lengths: BLIP-2 captions are 32 Q-Former tokens; instruction rows hold the
+    # 32 image queries and the conversation; the Chat Q-Former reads up to 128 instruction tokens.
+    config.data = dict(batch_size=64, text_len=512, max_images=1,
+                       qformer_text_len=32 if stage1 else (128 if chat else 0))
+    config.train = dict(
+        trainable=trainable(args["stage"], args["variant"]),
+        losses=dict(itc=1.0, itm=1.0, itg=1.0) if stage1 else dict(lm=1.0),
+        dec_token_id=DEC_TOKEN_ID,
+        optimizer=default_optimizer(),
+    )
+    # (data, fsdp, tensor): fully sharded data parallel inside a slice (ICI), data parallel across slices (DCN).
+    config.mesh = dict(ici=(1, -1, 1), dcn=(-1, 1, 1))
     return config

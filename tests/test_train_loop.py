@@ -15,7 +15,7 @@ import pytest
 
 from ziya_jax.checkpoint import load_model
 from ziya_jax.config import load_config
-from ziya_jax.train import loop
+from ziya_jax.train import loop, sharded
 from ziya_jax.train.observe import read_metrics
 from ziya_jax.tree import flatten, matches
 
@@ -153,13 +153,13 @@ def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(config_file, tm
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(config_file, tmp_path, monkeypatch):
     config = load_config(f"{config_file}:stage=2,steps=6,save_every=2")
-    real_step = loop.train_step
+    real_step = sharded.train_step
 
     def poisoned(state, batch, **kwargs):  # the loss turns NaN from the 4th step on
         new_state, metrics = real_step(state, batch, **kwargs)
         return new_state, {**metrics, "loss": jnp.where(state.step < 3, metrics["loss"], jnp.nan)}
 
-    monkeypatch.setattr(loop, "train_step", poisoned)
+    monkeypatch.setattr(sharded, "train_step", poisoned)
     with pytest.raises(loop.TrainingDiverged, match="step 4: loss nan"):
         loop.run(config, str(tmp_path))
     assert saved_steps(tmp_path) == [2]

@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     for noisy in ("absl", "jax", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from ziya_jax.config import load_config, override
+    from ziya_jax.sharding import initialize_distributed
+
+    initialize_distributed()  # several hosts (TPU pod, SLURM, ZIYA_DISTRIBUTED=1): join the job first
 
     try:
         config = load_config(args.config)

@@ -9,7 +9,6 @@ stage is not trained again.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -21,16 +20,18 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental.multihost_utils import sync_global_devices
 
 from ziya_jax.checkpoint import load_model, load_model_config, save_model
 from ziya_jax.config import ModelConfig
 from ziya_jax.data import pipeline, synthetic
 from ziya_jax.data.tfds_builders import data_source
-from ziya_jax.sharding import DEFAULT_RULES, batch_sharding, init_sharded, make_mesh, param_shardings
+from ziya_jax.sharding import global_batch, init_sharded, make_mesh, param_shardings, rules_from_config
 from ziya_jax.train.checkpoints import Checkpoints, abstract
 from ziya_jax.train.observe import Reporter, compiled_flops, peak_flops
 from ziya_jax.train.optimizer import logged_lr, make_optimizer
-from ziya_jax.train.step import Stage, init_state, train_step
+from ziya_jax.train.sharded import jit_train_step, state_shardings
+from ziya_jax.train.step import Stage, init_state
 from ziya_jax.tree import flatten, unflatten
 
 log = logging.getLogger(__name__)
@@ -91,9 +92,14 @@ def sources(data: ml_collections.ConfigDict, image_size: int) -> list[pipeline.S
 
 
 def batches(data: ml_collections.ConfigDict, cfg: ModelConfig, stage1: bool, tok, qtok):
-    """The stage's Grain iterator: image-caption pairs for stage 1, instruction rows otherwise."""
+    """This process's Grain iterator (its disjoint share of the sources, data.batch_size / process_count rows
+    a batch): image-caption pairs for stage 1, instruction rows otherwise."""
     fields = {f.name for f in dataclasses.fields(pipeline.DataConfig)}
     options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.to_dict().items() if k in fields}
+    if options["batch_size"] % jax.process_count():
+        raise ValueError(f"data.batch_size={options['batch_size']} (global) does not divide among "
+                         f"{jax.process_count()} processes")
+    options["batch_size"] //= jax.process_count()
     dcfg = pipeline.DataConfig(num_query_tokens=cfg.num_query_tokens, image_token_id=cfg.image_token_id,
                                image_size=cfg.vision.image_size, **options)
     srcs = sources(data, dcfg.image_size)
@@ -147,31 +153,31 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
     stage = Stage.from_config(ml_collections.ConfigDict(train_dict))
     tx, lr_at = make_optimizer(train.optimizer), logged_lr(train.optimizer)
     mesh = make_mesh(config.mesh)
-    rules = tuple(tuple(r) for r in config.get("rules", DEFAULT_RULES))
+    rules = rules_from_config(config)
     data_iter = batches(config.data, cfg, stage1, tok, qtok)
     total = train.optimizer.total_steps
     ckpt = config.checkpoint
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), ckpt.save_every, ckpt.keep, ckpt.async_save)
 
     params = initial_params(cfg, train.init_from, mesh, rules, train.seed)
+    shardings = state_shardings(cfg, stage, tx, mesh, rules)
+    step_fn = jit_train_step(cfg, stage, tx, lr_at, mesh, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = jax.jit(lambda p, r: init_state(p, stage, tx, r))(params, jax.random.key(train.seed + 1))
+        state = jax.jit(lambda p, r: init_state(p, stage, tx, r), out_shardings=shardings)(
+            params, jax.random.key(train.seed + 1))
         del params
         restored = checkpoints.restore_latest(abstract(state), data_iter)
         start = 0
         if restored is not None:
             state, start = restored
             print(f"{workdir}: resuming from the checkpoint of step {start}")
-        step_fn = jax.jit(functools.partial(train_step, cfg=cfg, stage=stage, tx=tx, lr_schedule=lr_at),
-                          donate_argnums=0)
         reporter = Reporter(workdir, total, start, config.log_every, f"stage {config.stage}")
         stop = _SigtermFlag()
         compiled, peak, flops = None, 0.0, 0.0
         try:
             for step in range(start + 1, total + 1):
                 host_batch = next(data_iter)
-                batch = {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
-                         for k, v in host_batch.items()}
+                batch = global_batch(host_batch, mesh, rules)
                 if compiled is None:
                     compiled = step_fn.lower(state, batch).compile()
                     flops = compiled_flops(compiled)
@@ -206,11 +212,14 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
         if data_iter.skipped:
             print(f"{workdir}: skipped samples by reason: {dict(data_iter.skipped)}")
         params = state.params()
-        save_model(final + ".tmp", params, cfg)
-        os.replace(final + ".tmp", final)
+        save_model(final + ".tmp", params, cfg)  # every process writes its shards
+        if jax.process_index() == 0:
+            os.replace(final + ".tmp", final)
+        sync_global_devices("final model in place")
         results = evaluate(config, params, cfg, tok, qtok, show=config.eval.show)
-        with open(os.path.join(workdir, EVAL_FILE), "w", encoding="utf-8") as f:
-            json.dump(results, f, ensure_ascii=False, indent=1)
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, EVAL_FILE), "w", encoding="utf-8") as f:
+                json.dump(results, f, ensure_ascii=False, indent=1)
     return results
 
 

@@ -49,29 +49,37 @@ def compiled_flops(compiled) -> float:
 
 class Reporter:
     """Per-step metrics to the progress bar (every `log_every` steps), TensorBoard and metrics.jsonl (every
-    step, one line per step: a resumed run first drops the lines past the step it restored)."""
+    step, one line per step: a resumed run first drops the lines past the step it restored). In a multi-host
+    job only process 0 shows and writes anything (the metrics are global; the workdir may be shared)."""
 
     def __init__(self, workdir: str, total_steps: int, start_step: int, log_every: int, desc: str):
         from tensorboardX import SummaryWriter
 
-        os.makedirs(workdir, exist_ok=True)
-        self.path = os.path.join(workdir, METRICS_FILE)
-        _truncate_after(self.path, start_step)
-        self.jsonl = open(self.path, "a", encoding="utf-8")
-        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, smoothing=0.1)
+        self.lead = jax.process_index() == 0
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, smoothing=0.1,
+                        disable=not self.lead)
         self.log_every = log_every
+        if self.lead:
+            os.makedirs(workdir, exist_ok=True)
+            self.path = os.path.join(workdir, METRICS_FILE)
+            _truncate_after(self.path, start_step)
+            self.jsonl = open(self.path, "a", encoding="utf-8")
+            self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
+        self.bar.update(1)
+        if not self.lead:
+            return
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         for k, v in metrics.items():
             self.writer.add_scalar(f"train/{k}", v, step)
-        self.bar.update(1)
         if step % self.log_every == 0:
             self.bar.set_postfix_str(_short(metrics), refresh=False)
 
     def scalars(self, step: int, prefix: str, values: dict[str, float]) -> None:
+        if not self.lead:
+            return
         for k, v in values.items():
             self.writer.add_scalar(f"{prefix}/{k}", v, step)
         self.writer.flush()
@@ -81,8 +89,9 @@ class Reporter:
 
     def close(self) -> None:
         self.bar.close()
-        self.writer.close()
-        self.jsonl.close()
+        if self.lead:
+            self.writer.close()
+            self.jsonl.close()
 
 
 SHOWN = ("loss", "lm", "itc", "itm", "itg", "lr", "grad_norm", "examples_per_s", "tokens_per_s", "mfu")

@@ -7,6 +7,8 @@ rest (step counters, the rng) is replicated.
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -17,7 +19,7 @@ from ziya_jax.config import ModelConfig
 from ziya_jax.model import abstract_params
 from ziya_jax.model.ziya import init_fn
 from ziya_jax.sharding import DEFAULT_RULES, batch_sharding, param_shardings
-from ziya_jax.train.step import Stage, TrainState, init_state
+from ziya_jax.train.step import Stage, TrainState, init_state, train_step
 from ziya_jax.tree import flatten
 
 
@@ -70,6 +72,16 @@ def create_train_state(cfg: ModelConfig, stage: Stage, tx: optax.GradientTransfo
 
     shardings = state_shardings(cfg, stage, tx, mesh, rules)
     return jax.jit(init, out_shardings=shardings)(init_rng, state_rng)
+
+
+def jit_train_step(cfg: ModelConfig, stage: Stage, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
+                   mesh: Mesh, rules=DEFAULT_RULES):
+    """train_step jitted as a loop should run it: the state donated and returned in the shardings it came in
+    (left to propagation, some leaves come back placed differently and the second step compiles again, or
+    fails against an executable compiled ahead of time), metrics replicated."""
+    step = functools.partial(train_step, cfg=cfg, stage=stage, tx=tx, lr_schedule=lr_schedule)
+    out = (state_shardings(cfg, stage, tx, mesh, rules), NamedSharding(mesh, PartitionSpec()))
+    return jax.jit(step, donate_argnums=0, out_shardings=out)
 
 
 def abstract_batch(shapes: dict[str, tuple[tuple[int, ...], np.dtype]], mesh: Mesh, rules=DEFAULT_RULES) -> dict:
