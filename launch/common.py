@@ -65,6 +65,13 @@ class Shell:
         return None if done.returncode else done.stdout.strip()
 
 
+def split_at_dashes(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the launcher's own arguments, the trainer's: everything after `--`)."""
+    if "--" not in argv:
+        return argv, []
+    return argv[:argv.index("--")], argv[argv.index("--") + 1:]
+
+
 def main_guard(main) -> int:
     """Runs a launcher's main, turning LaunchError into one line on stderr and exit status 2."""
     try:

@@ -20,7 +20,7 @@ import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import LaunchError, Shell, main_guard, settings  # noqa: E402
+from common import LaunchError, Shell, main_guard, settings, split_at_dashes  # noqa: E402
 
 ACTIONS = ("submit", "logs", "cancel")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # on the cluster's shared filesystem
@@ -56,9 +56,7 @@ def follow(shell: Shell, s: dict, job: str) -> None:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, train_args = split_at_dashes(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python launch/slurm.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=ACTIONS)

@@ -10,7 +10,8 @@ log again; `stop` sends the trainers SIGTERM (they checkpoint and exit); `down` 
 install, run, down (--keep skips the down). --dry-run prints every command instead of running it.
 
 Project, zone, name, accelerator (v5e-64, v6e-16, v4-32, v5p-128, ...) and bucket come from flags or from the
-[tpu] section of an INI file given with --settings (flags win); nothing is assumed.
+[tpu] section of an INI file given with --settings (flags win); nothing is assumed. `install` mounts the bucket
+with gcsfuse at /gcs/BUCKET on every worker, so that all of them read and write the same workdir.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import LaunchError, Shell, main_guard, settings, truthy  # noqa: E402
+from common import LaunchError, Shell, main_guard, settings, split_at_dashes, truthy  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACTIONS = ("up", "install", "run", "logs", "stop", "down", "all")
@@ -30,6 +31,12 @@ ACTIONS = ("up", "install", "run", "logs", "stop", "down", "all")
 RUNTIME = {"v4": "tpu-ubuntu2204-base", "v5e": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5",
            "v6e": "v2-alpha-tpuv6e"}
 LOG, PID, CODE = "~/ziya_train.log", "~/ziya_train.pid", "~/ziya_jax"
+MOUNT = "/gcs"  # the bucket is mounted here (gcsfuse) on every worker: the trainer writes plain files
+GCSFUSE = ("if ! command -v gcsfuse >/dev/null; then "
+           "echo \"deb https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -cs) main\" | "
+           "sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && "
+           "curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add - && "
+           "sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; fi")
 
 
 def accelerator_type(accelerator: str) -> tuple[str, str]:
@@ -83,20 +90,27 @@ class Pod:
             time.sleep(30)
 
     def install(self) -> None:
+        """The committed code on every worker, and the bucket (if any) mounted at MOUNT/BUCKET."""
         archive = os.path.join(tempfile.gettempdir(), f"ziya-launch-{self.s['name']}.tar.gz")
         self.shell.run(["git", "-C", REPO, "archive", "--format=tar.gz", "-o", archive, "HEAD"])
+        mount = ""
+        if self.s.get("bucket"):
+            bucket = _bucket_name(self.s["bucket"])
+            mount = (f" && {GCSFUSE} && sudo mkdir -p {MOUNT}/{bucket} && sudo chown $USER {MOUNT}/{bucket} && "
+                     f"(mountpoint -q {MOUNT}/{bucket} || gcsfuse --implicit-dirs {bucket} {MOUNT}/{bucket})")
         for node in self.nodes:
             self.shell.run(self.gcloud("tpu-vm", "scp", archive, f"{node}:ziya_jax.tar.gz", "--worker=all"))
             self.ssh(node, f"rm -rf {CODE} && mkdir -p {CODE} && tar -xzf ziya_jax.tar.gz -C {CODE} && "
-                           f"cd {CODE} && python3 -m pip install -q -e '.[tpu]'")
+                           f"cd {CODE} && python3 -m pip install -q -e '.[tpu]'{mount}")
 
     def run(self, train_args: list[str]) -> None:
         if not self.s.get("config"):
             raise LaunchError("run needs --config (the training config, e.g. configs/ziya_chat_14b.py:stage=3)")
-        workdir = self.s.get("workdir") or (f"{self.s['bucket'].rstrip('/')}/runs/{self.s['name']}"
+        workdir = self.s.get("workdir") or (f"{MOUNT}/{_bucket_name(self.s['bucket'])}/runs/{self.s['name']}"
                                             if self.s.get("bucket") else None)
         if not workdir:
-            raise LaunchError("run needs --workdir or --bucket (the run's directory is BUCKET/runs/NAME)")
+            raise LaunchError(f"run needs --workdir or --bucket (the run's directory is then "
+                              f"{MOUNT}/BUCKET/runs/NAME, the bucket mounted on every worker)")
         train = shlex.join(["python3", "-m", "ziya_jax.train", "--config", self.s["config"], "--workdir", workdir,
                             *train_args])
         for node in self.nodes:  # detached, so that every slice starts before any log is followed
@@ -119,10 +133,15 @@ class Pod:
             self.shell.run(self.gcloud("tpu-vm", "delete", self.s["name"], "--quiet"))
 
 
+def _bucket_name(bucket: str) -> str:
+    name = bucket.removeprefix("gs://").strip("/")
+    if not name or "/" in name:
+        raise LaunchError(f"bucket {bucket!r}: give gs://BUCKET (no folder)")
+    return name
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, train_args = split_at_dashes(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python launch/tpu.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=ACTIONS)
@@ -135,8 +154,10 @@ def main(argv=None) -> int:
     parser.add_argument("--queued", action="store_const", const="true", help="a queued resource even for one slice")
     parser.add_argument("--spot", action="store_const", const="true", help="spot capacity")
     parser.add_argument("--runtime-version", help="TPU software version (default: the generation's base image)")
-    parser.add_argument("--bucket", help="gs://BUCKET; the run's workdir defaults to BUCKET/runs/NAME")
-    parser.add_argument("--workdir", help="where the trainer writes checkpoints and metrics")
+    parser.add_argument("--bucket", help="gs://BUCKET, mounted with gcsfuse at /gcs/BUCKET on every worker; the "
+                                         "run's workdir defaults to /gcs/BUCKET/runs/NAME")
+    parser.add_argument("--workdir", help="where the trainer writes checkpoints and metrics: a path every worker "
+                                          "shares (checkpoints are written by all of them)")
     parser.add_argument("--config", help="training config, e.g. configs/ziya_chat_14b.py:stage=3")
     parser.add_argument("--wait-minutes", type=float, help="how long `up` waits for the slice (default 60)")
     parser.add_argument("--keep", action="store_true", help="`all` leaves the slice up at the end")

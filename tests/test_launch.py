@@ -39,9 +39,10 @@ def test_tpu_dry_run_runs_the_whole_job_with_names_from_settings_and_flags(tmp_p
     ssh = [c for c in gcloud if c[4] == "ssh"]
     install, train, logs = ssh
     assert "pip install" in install[7] and "'.[tpu]'" in install[7]
+    assert "gcsfuse --implicit-dirs bucket-x /gcs/bucket-x" in install[7]
     assert "--worker=all" in train
     assert "ZIYA_DISTRIBUTED=1 nohup python3 -m ziya_jax.train --config configs/ziya_chat_14b.py:stage=3 " \
-           "--workdir gs://bucket-x/runs/pod-q --config.train.seed=7" in train[7]
+           "--workdir /gcs/bucket-x/runs/pod-q --config.train.seed=7" in train[7]
     assert "--worker=0" in logs and "tail" in logs[7]
     assert gcloud[-1][3:6] == ["tpu-vm", "delete", "pod-q"]
     order = [c[4] for c in gcloud]

@@ -192,3 +192,9 @@ def test_bad_overrides_are_clear_errors(config_file, tmp_path, override, message
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_url_workdir_is_refused(config_file):
+    result = subprocess.run(train_command(config_file, "gs://bucket/run"), env=environment(), capture_output=True,
+                            text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and "gcsfuse" in result.stderr and "Traceback" not in result.stderr

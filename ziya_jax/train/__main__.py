@@ -43,6 +43,10 @@ def main(argv=None) -> int:
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
+    if "://" in args.workdir:
+        print(f"error: --workdir {args.workdir}: give a filesystem path (every host of a multi-host job must see "
+              "the same one; mount a bucket with gcsfuse, as launch/tpu.py does)", file=sys.stderr)
+        return 2
     from ziya_jax.train.loop import Preempted, TrainingDiverged, run
 
     os.makedirs(args.workdir, exist_ok=True)
