@@ -35,12 +35,12 @@ EVAL_TASKS = {1: ("retrieval",), 2: (), 3: ("vqa", "caption", "grounding")}
 def model_config(variant: str) -> dict:
     return dict(
         variant=variant,
-        vision=dict(image_size=64, patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512),
+        vision=dict(image_size=48, patch_size=16, width=128, depth=4, num_heads=4, mlp_dim=512),
         qformer=dict(width=128, depth=2, num_heads=4, mlp_dim=512, cross_attention_frequency=1, vocab_size=512,
                      max_position_embeddings=64, embed_dim=64, dropout=0.0),
         llm=dict(vocab_size=1025, width=256, depth=4, num_heads=4, num_kv_heads=4, head_dim=64, mlp_dim=768,
                  max_position_embeddings=256),
-        num_query_tokens=16,
+        num_query_tokens=8,
         image_token_id=1024,
     )
 
@@ -52,7 +52,7 @@ def stage_config(stage: int, variant: str, lora_rank: int) -> ml_collections.Con
     train_split = dict(kind="synthetic", split="train", n=20000)
     mixture = [dict(train_split, task="caption", weight=1.0)] if stage == 1 else \
         [dict(train_split, task=t, weight=w) for t, w in MIXTURE[stage]]
-    config.data = dict(tokenizers="demo", sources=mixture, batch_size=32, text_len=72, max_images=1,
+    config.data = dict(tokenizers="demo", sources=mixture, batch_size=32, text_len=64, max_images=1,
                        qformer_text_len=32 if (stage == 1 or variant == "chat") else 0, num_workers=0, seed=stage)
     config.train = dict(
         trainable=TRAINABLE[stage] if variant == "chat" or stage != 2 else

@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ziya_jax.compile import llama_step, matmul_flops, parse_topology
+from ziya_jax.compile import llama_step, parse_topology
 from ziya_jax.config import ModelConfig, load_config
 from ziya_jax.sharding import DEFAULT_RULES, make_mesh
+from ziya_jax.train.observe import matmul_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

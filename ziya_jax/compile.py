@@ -125,31 +125,6 @@ def topology_devices(topo: Topology):
     return topologies.get_topology_desc(topology_name=topo.libtpu_topology, platform="tpu", **kwargs).devices
 
 
-def matmul_flops(jaxpr) -> float:
-    """FLOPs of the matrix products and convolutions of a jaxpr, scan bodies counted once per iteration (XLA's
-    own cost analysis counts a loop body once, so it undercounts scanned layers); remat recomputation is part of
-    the differentiated jaxpr and counted too. The larger branch of a cond counts."""
-    from jax.extend.core import jaxprs_in_params
-
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in lhs_contract)
-        elif name == "conv_general_dilated":
-            rhs = eqn.invars[1].aval.shape  # the kernel: out features x (in features / groups) x window
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs) / rhs[
-                eqn.params["dimension_numbers"].rhs_spec[0]]
-        subs = [matmul_flops(j) for j in jaxprs_in_params(eqn.params)]
-        if name == "cond":
-            total += max(subs, default=0.0)
-        else:
-            total += (eqn.params["length"] if name == "scan" else 1) * sum(subs)
-    return total
-
-
 @dataclasses.dataclass
 class Result:
     program: str  # train_step | decode_step | llama_N_layers
@@ -186,6 +161,8 @@ def _compile(jitted, args, mesh, rules):
     """(compiled or None, FLOPs of the traced program, error text, seconds); XLA's out-of-memory is an answer."""
     import flax.linen as nn
     import jax
+
+    from ziya_jax.train.observe import matmul_flops
 
     start = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -28,7 +28,7 @@ from ziya_jax.data import pipeline, synthetic
 from ziya_jax.data.tfds_builders import data_source
 from ziya_jax.sharding import global_batch, init_sharded, make_mesh, param_shardings, rules_from_config
 from ziya_jax.train.checkpoints import Checkpoints, abstract
-from ziya_jax.train.observe import Reporter, compiled_flops, peak_flops
+from ziya_jax.train.observe import Reporter, matmul_flops, peak_flops
 from ziya_jax.train.optimizer import logged_lr, make_optimizer
 from ziya_jax.train.sharded import jit_train_step, state_shardings
 from ziya_jax.train.step import Stage, init_state
@@ -179,8 +179,8 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
                 host_batch = next(data_iter)
                 batch = global_batch(host_batch, mesh, rules)
                 if compiled is None:
-                    compiled = step_fn.lower(state, batch).compile()
-                    flops = compiled_flops(compiled)
+                    traced = step_fn.trace(state, batch)
+                    compiled, flops = traced.lower().compile(), matmul_flops(traced.jaxpr.jaxpr)
                     peak = peak_flops()[0] * jax.device_count()
                 t0 = time.perf_counter()
                 state, metrics = compiled(state, batch)
