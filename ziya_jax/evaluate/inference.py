@@ -34,7 +34,7 @@ class Prompt:
     instruction: str | None = None
 
 
-def _round_up(n: int, bucket: int) -> int:
+def round_up(n: int, bucket: int) -> int:
     return -(-n // bucket) * bucket
 
 
@@ -87,7 +87,7 @@ class Generator:
             return []
         dc = dataclasses.replace(dc, eos_token_id=self.tok.eos_id, pad_token_id=self.tok.pad_id)
         ids = [self.prompt_ids(p.query) for p in prompts]
-        length = _round_up(max(map(len, ids)), self.bucket)
+        length = round_up(max(map(len, ids)), self.bucket)
         limit = self.cfg.llm.max_position_embeddings
         if length + dc.max_new_tokens > limit:
             length = max(map(len, ids))
@@ -114,7 +114,7 @@ class Generator:
             answer = self.tok.encode(c) + [self.tok.eos_id]
             seqs.append(prompt_ids[i] + answer)
             targets.append(len(answer))
-        length = _round_up(max(map(len, seqs)), self.bucket)
+        length = round_up(max(map(len, seqs)), self.bucket)
         if length > self.cfg.llm.max_position_embeddings:
             raise ValueError(f"a prompt with a choice has {max(map(len, seqs))} tokens; the model's context is "
                              f"{self.cfg.llm.max_position_embeddings}")

@@ -48,7 +48,7 @@ def _examples(scenes, task: str, lang: str, seed: int) -> list[_Example]:
 def max_new_tokens_for(tokenizer, references: Sequence[str]) -> int:
     """Room for the longest reference plus EOS, rounded up to 8 so nearby n share one compiled decoder."""
     longest = max(len(tokenizer.encode(r)) for r in references) + 1
-    return -(-(longest + 4) // 8) * 8
+    return inference.round_up(longest + 4, 8)
 
 
 def evaluate_synthetic(params, cfg: ModelConfig, tokenizer, qformer_tokenizer, *, image_size: int, n: int = 200,
