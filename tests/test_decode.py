@@ -7,7 +7,7 @@ import torch
 
 from hf_models import IMAGE_TOKEN, NUM_QUERIES, make_hf_model, to_jax_pixels
 from ziya_jax.convert import load_hf
-from ziya_jax.decode import DecodeConfig, generate
+from ziya_jax.decode import DecodeConfig, decode_params, generate
 
 PAD = 0
 
@@ -54,7 +54,8 @@ def hf_rows(new, eos):
 def test_greedy_and_beam_match_transformers(kind, batch, tmp_path):
     model = make_hf_model(kind, num_kv_heads=2, rope_theta=5000.0)
     model.save_pretrained(tmp_path / "hf")
-    params, cfg = load_hf(str(tmp_path / "hf"))
+    stacked, cfg = load_hf(str(tmp_path / "hf"))
+    params = decode_params(stacked)  # per-layer weights, the fast path; the stacked ones are checked below
     ids, mask, pixels, qids, qmask = prompts(batch)
     ours_inputs = dict(pixel_values=jnp.asarray(to_jax_pixels(pixels, batch)), qformer_ids=jnp.asarray(qids.numpy()),
                        qformer_mask=jnp.asarray(qmask.numpy()))
@@ -74,6 +75,8 @@ def test_greedy_and_beam_match_transformers(kind, batch, tmp_path):
             results[eos, beams] = rows(tokens, lengths)
             assert (tokens[np.arange(n_new)[None] >= lengths[:, None]] == PAD).all()
     assert results[126, 1] != results[126, 4]  # beam search really searched
+    dc = DecodeConfig(max_new_tokens=n_new, num_beams=4, eos_token_id=126, pad_token_id=PAD)
+    assert rows(*generate(stacked, cfg, ids.numpy(), mask.numpy(), dc=dc, **ours_inputs)) == results[126, 4]
     # The early EOS really stopped at least one row early.
     dc = DecodeConfig(max_new_tokens=n_new, eos_token_id=early_eos, pad_token_id=PAD)
     assert generate(params, cfg, ids.numpy(), mask.numpy(), dc=dc, **ours_inputs)[1].min() < n_new

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ziya_jax.config import ModelConfig, load_config
+from ziya_jax.decode import decode_params
 from ziya_jax.model import ZiyaVisual, abstract_params, default_positions, init_params
 from ziya_jax.model.layers import lora_adapters, merge_lora, unmerge_lora
 from ziya_jax.model.llama import init_cache
@@ -58,10 +59,14 @@ def test_bf16_compute_close_to_f32():
     assert err > 0  # bf16 was really used
 
 
-def test_kv_cache_decode_equals_full_forward():
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_kv_cache_decode_equals_full_forward(unrolled):
+    """Prefill + cached steps equal the full (scanned) forward; unrolled: on decode_params' per-layer weights,
+    LoRA included (stage-3 config, every LoRA B non-zero)."""
     cfg = tiny()
     params = perturbed_params(cfg)
     model = ZiyaVisual(cfg)
+    decoder, decoder_params = (ZiyaVisual(cfg, unrolled_llm=True), decode_params(params)) if unrolled else (model, params)
     ids, _, pixels, qids, qmask = inputs(cfg, text=8)
     # Left-pad row 0 by two tokens: positions count valid tokens only, so its logits must not change.
     ids = ids.at[0].set(jnp.concatenate([jnp.zeros(2, ids.dtype), ids[0, :-2]]))
@@ -70,18 +75,18 @@ def test_kv_cache_decode_equals_full_forward():
 
     @jax.jit
     def step(p, ids, mask, pixels, qids, qmask, cache, index, feats):
-        embeds = model.apply({"params": p}, ids, feats, method=ZiyaVisual.embed_inputs)
+        embeds = decoder.apply({"params": p}, ids, feats, method=ZiyaVisual.embed_inputs)
         positions = jax.lax.dynamic_slice_in_dim(default_positions(mask), index, ids.shape[1], axis=1)
-        return model.apply({"params": p}, embeds, positions, mask, cache, index, method=ZiyaVisual.language)
+        return decoder.apply({"params": p}, embeds, positions, mask, cache, index, method=ZiyaVisual.language)
 
     feats = model.apply({"params": params}, pixels, qids, qmask, method=ZiyaVisual.encode_images)
     total = ids.shape[1]
     prompt = total - 3
-    cache = init_cache(cfg.llm, ids.shape[0], total)
-    out, cache = step(params, ids[:, :prompt], mask, pixels, qids, qmask, cache, 0, feats)
+    cache = init_cache(cfg.llm, ids.shape[0], total, unrolled=unrolled)
+    out, cache = step(decoder_params, ids[:, :prompt], mask, pixels, qids, qmask, cache, 0, feats)
     pieces = [out]
     for t in range(prompt, total):
-        out, cache = step(params, ids[:, t:t + 1], mask, pixels, qids, qmask, cache, t, feats)
+        out, cache = step(decoder_params, ids[:, t:t + 1], mask, pixels, qids, qmask, cache, t, feats)
         pieces.append(out)
     cached = jnp.concatenate(pieces, axis=1)
     np.testing.assert_allclose(np.asarray(cached)[:, 2:], np.asarray(full)[:, 2:], atol=1e-5)
@@ -163,3 +168,20 @@ def test_lora_target_that_matches_nothing_is_an_error():
     bad = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, targets=cfg.lora.targets + ("llm/typo",)))
     with pytest.raises(ValueError, match="match no Dense layer"):
         abstract_params(bad)
+
+
+def test_initializer_ranges_set_each_towers_init_std():
+    base = tiny()
+    cfg = dataclasses.replace(
+        base, vision=dataclasses.replace(base.vision, position_initializer_range=1.0),
+        qformer=dataclasses.replace(base.qformer, initializer_range=0.1),
+        llm=dataclasses.replace(base.llm, initializer_range=0.05))
+    before, after = init_params(base, jax.random.key(0)), init_params(cfg, jax.random.key(0))
+    pos = ("vision_model", "embeddings", "position_embedding")
+    get = lambda p, path: p[path[0]] if len(path) == 1 else get(p[path[0]], path[1:])
+    for path, std in ((pos, 1.0), (("vision_model", "embeddings", "patch_embedding", "kernel"), 0.02),
+                      (("query_tokens",), 0.1), (("language_projection", "kernel"), 0.05),
+                      (("language_model", "embed_tokens", "embedding"), 0.05)):
+        np.testing.assert_allclose(get(after, path), get(before, path) * std / 0.02, rtol=1e-6, err_msg=str(path))
+    lora_a = ("language_model", "layers", "self_attn", "q_proj", "lora_a")  # normal(1/r), not a tower weight
+    np.testing.assert_array_equal(get(after, lora_a), get(before, lora_a))

@@ -91,7 +91,7 @@ def test_rules_from_config_place_batches_and_the_kv_cache():
     rules = rules_from_config(ml_collections.ConfigDict({"rules": [["act_batch", ["data"]], ["kv_heads", "tensor"]]}))
     assert batch_sharding(mesh, 3, rules).spec == P("data", None, None)
     assert batch_sharding(mesh, 2).spec == P(("data", "fsdp"), None)
-    assert cache_sharding(mesh).spec == P(None, ("data", "fsdp"), None, "tensor", None)
+    assert cache_sharding(mesh).spec == P(None, ("data", "fsdp"), "tensor", None, None)
     with pytest.raises(ValueError, match="no mesh axis"):
         rules_from_config(ml_collections.ConfigDict({"rules": [["embed", "model"]]}))
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from ziya_jax.data import errors, formats, images
 from ziya_jax.data.tokenizers import QFormerTokenizer, SentencePieceTokenizer
-from ziya_jax.decode import ZIYA_DEMO, DecodeConfig, generate
+from ziya_jax.decode import ZIYA_DEMO, DecodeConfig, decode_params, generate
 
 QFORMER_TEXT_LEN = 128  # the Q-Former's instruction budget (InstructBLIP: max_txt_len 128)
 
@@ -149,6 +149,7 @@ def main(argv=None, stdin=None, stdout=None) -> int:
 
     try:
         params, cfg = load_model(args.checkpoint)
+        params = decode_params(params)  # once for the session's many answers; the stacked copy is dropped
         tok, qtok = load_tokenizers(tokenizer_dir(args))
         session = ChatSession(params, cfg, tok, qtok, decode_config(args, ZIYA_DEMO))
     except (FileNotFoundError, ValueError) as e:

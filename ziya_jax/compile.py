@@ -274,7 +274,7 @@ def compile_decode_step(config, topo: Topology, devices, batch_size=None, cache_
     sds = jax.ShapeDtypeStruct
     params = jax.tree_util.tree_map(lambda a, sh: sds(a.shape, a.dtype, sharding=sh),
                                     nn.meta.unbox(abstract_params(cfg)), param_shardings(cfg, mesh, rules))
-    cache_shape = (cfg.llm.depth, b, s, cfg.llm.num_kv_heads, cfg.llm.head_dim)
+    cache_shape = (cfg.llm.depth, b, cfg.llm.num_kv_heads, s, cfg.llm.head_dim)
     cache = {k: sds(cache_shape, jnp.dtype(cfg.dtype), sharding=cache_sharding(mesh, rules)) for k in ("k", "v")}
     rows, table = batch_sharding(mesh, 1, rules), batch_sharding(mesh, 2, rules)
     args = (params, sds((b,), jnp.int32, sharding=rows), cache, sds((b, s), jnp.int32, sharding=table),

@@ -28,6 +28,11 @@ class VisionConfig:
     num_heads: int = 16
     mlp_dim: int = 6144
     layer_norm_eps: float = 1e-6
+    # Std of the normal init of fresh weights (HF's initializer_range). The position embedding has its own: a
+    # ViT trained from scratch needs positions about as large as the patch embeddings, or attention over its
+    # tokens (the Q-Former's queries) cannot tell the cells of the image apart (see configs/demo.py).
+    initializer_range: float = 0.02
+    position_initializer_range: float = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +52,7 @@ class QFormerConfig:
     # Stage-1 heads: vision_proj, text_proj, itm_head, temperature and the ITG language-model head.
     pretrain_heads: bool = False
     embed_dim: int = 256
+    initializer_range: float = 0.02  # also for the query tokens and the stage-1 heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +71,7 @@ class LlamaConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
+    initializer_range: float = 0.02  # also for the language projection
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,8 @@ Beam search follows the semantics of transformers' `generate` (2*K candidates pe
 scored sum(logprobs) / new_length ** length_penalty, the same early-stop heuristic), so results compare token for
 token. Prompts are left-padded (done here from any attention mask); RoPE positions count valid tokens only, so
 each row decodes as it would alone. Shapes are static: one compilation per (batch, prompt length, settings).
+The LLM runs scanned over its stacked layers, or unrolled on per-layer weights when given decode_params(params):
+faster on CPU, where a scanned step copies every layer's weights out of the stack before reading them.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import numpy as np
 
 from ziya_jax.config import ModelConfig
 from ziya_jax.model import ZiyaVisual, default_positions
-from ziya_jax.model.llama import init_cache
+from ziya_jax.model.llama import init_cache, unroll_layers
 
 NEG = -1.0e9
 # Where tokens go while a streaming generate() runs (XLA calls back from its own thread, so a plain global;
@@ -110,10 +112,10 @@ def _prefill(model, params, input_ids, mask, pixel_values, qformer_ids, qformer_
                                method=ZiyaVisual.encode_images)
     embeds = model.apply({"params": params}, input_ids, features, method=ZiyaVisual.embed_inputs)
     b, t = input_ids.shape
-    cache = init_cache(model.cfg.llm, b, total, embeds.dtype)
+    cache = init_cache(model.cfg.llm, b, total, embeds.dtype, unrolled=model.unrolled_llm)
     key_mask = jnp.zeros((b, total), jnp.int32).at[:, :t].set(mask)
     positions = default_positions(mask)
-    logits, cache = model.apply({"params": params}, embeds, positions, key_mask, cache, 0,
+    logits, cache = model.apply({"params": params}, embeds, positions, key_mask, cache, 0, last_only=True,
                                 method=ZiyaVisual.language)
     return logits[:, -1], cache, key_mask, positions[:, -1] + 1
 
@@ -135,7 +137,7 @@ def _seen_tokens(input_ids, mask, vocab):
 @functools.partial(jax.jit, static_argnames=("cfg", "dc", "stream"))
 def _search(params, input_ids, mask, pixel_values, qformer_ids, qformer_mask, rng, cfg: ModelConfig,
             dc: DecodeConfig, stream: bool = False):
-    model = ZiyaVisual(cfg)
+    model = ZiyaVisual(cfg, unrolled_llm="layers" not in params["language_model"])
     b, t = input_ids.shape
     total = t + dc.max_new_tokens
     logits, cache, key_mask, positions = _prefill(model, params, input_ids, mask, pixel_values, qformer_ids,
@@ -187,7 +189,7 @@ def _beam(model, params, logits, cache, key_mask, positions, seen, prompt_len, d
     b, k, n = logits.shape[0], dc.num_beams, dc.max_new_tokens
     vocab = logits.shape[-1]
     expand = lambda x: jnp.repeat(x, k, axis=0)  # [B, ...] -> [B*K, ...], beams of a row adjacent
-    cache = jax.tree_util.tree_map(lambda c: jnp.repeat(c, k, axis=1), cache)
+    cache = jax.tree_util.tree_map(lambda c: jnp.repeat(c, k, axis=-4), cache)  # [(layers,) B, heads, S, D]
     scores0 = jnp.tile(jnp.array([0.0] + [NEG] * (k - 1), jnp.float32), (b, 1))
     state = dict(
         step=0, logits=expand(logits), cache=cache, key_mask=expand(key_mask), positions=expand(positions),
@@ -233,7 +235,7 @@ def _beam(model, params, logits, cache, key_mask, positions, seen, prompt_len, d
             go &= ~jnp.all(fin_flags)
 
         rows = (run_origin + jnp.arange(b)[:, None] * k).reshape(-1)
-        cache = jax.tree_util.tree_map(lambda c: c[:, rows], s["cache"])
+        cache = jax.tree_util.tree_map(lambda c: jnp.take(c, rows, axis=-4), s["cache"])
         next_tokens = run_tokens[:, :, step].reshape(-1)
         seen = s["seen"][rows].at[jnp.arange(b * k), next_tokens].set(True)
         logits, cache, key_mask = jax.lax.cond(
@@ -249,11 +251,19 @@ def _beam(model, params, logits, cache, key_mask, positions, seen, prompt_len, d
     return out["fin_tokens"][:, 0], out["fin_lengths"][:, 0]
 
 
+def decode_params(params):
+    """params with the LLM's layers unrolled (a copy of their weights), for generate to run per layer: convert
+    once per loaded model and keep this instead of the stacked params."""
+    llm = params["language_model"]
+    return {**params, "language_model": unroll_layers(llm)} if "layers" in llm else params
+
+
 def generate(params, cfg: ModelConfig, input_ids, attention_mask=None, pixel_values=None, qformer_ids=None,
              qformer_mask=None, dc: DecodeConfig = DecodeConfig(), rng=None, on_token=None):
     """-> (tokens [B, max_new_tokens] int32, lengths [B]): the new tokens of each row; positions past a row's
     length hold pad_token_id. Prompts may be padded on either side (attention_mask marks valid tokens).
-    on_token(id), for one prompt without beam search, is called with each token as the loop produces it."""
+    on_token(id), for one prompt without beam search, is called with each token as the loop produces it.
+    params: stacked as trained, or from decode_params (faster on CPU)."""
     input_ids = np.asarray(input_ids)
     attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
     ids, mask = left_pad(input_ids, attention_mask, dc.pad_token_id)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ziya_jax.chat import (add_decode_flags, decode_config, load_image, load_tokenizers, qformer_inputs,
                            tokenizer_dir)
-from ziya_jax.decode import DecodeConfig, generate
+from ziya_jax.decode import DecodeConfig, decode_params, generate
 
 
 def parse_ids(text: str, flag: str) -> list[int]:
@@ -45,6 +45,7 @@ def main(argv=None) -> int:
 
     try:
         params, cfg = load_model(args.checkpoint)
+        params = decode_params(params)  # the fast per-layer form; the stacked copy is dropped
         pixels = [load_image(p, cfg.vision.image_size) for p in args.image]
         dc = decode_config(args, DecodeConfig())
         qformer = {}

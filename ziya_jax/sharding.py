@@ -135,9 +135,9 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
 
 
 def cache_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
-    """The KV cache [layers, batch, length, kv_heads, head_dim]: batch like activations, heads like the
+    """The KV cache [layers, batch, kv_heads, length, head_dim]: batch like activations, heads like the
     attention's kv_heads."""
-    return logical_sharding(mesh, ("layers", "act_batch", "act_length", "kv_heads", None), rules)
+    return logical_sharding(mesh, ("layers", "act_batch", "kv_heads", "act_length", None), rules)
 
 
 def global_batch(local_batch, mesh: Mesh, rules=DEFAULT_RULES):

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from ziya_jax.config import LoraConfig
 
 Dtype = Any
-default_init = nn.initializers.normal(0.02)
+DEFAULT_INIT_STD = 0.02
+default_init = nn.initializers.normal(DEFAULT_INIT_STD)
 
 
 def logical(init: Callable, axes: tuple) -> Callable:
@@ -21,7 +22,9 @@ def logical(init: Callable, axes: tuple) -> Callable:
 
 
 def lora_applies(lora: LoraConfig, path: tuple[str, ...]) -> bool:
-    return lora.rank > 0 and any(re.fullmatch(t, "/".join(path)) for t in lora.targets)
+    """Targets name layers in the stack (.../layers/...); an unrolled layer (layers_3) matches as one of it."""
+    path = "/".join(re.sub(r"^layers_\d+$", "layers", p) for p in path)
+    return lora.rank > 0 and any(re.fullmatch(t, path) for t in lora.targets)
 
 
 class Dense(nn.Module):

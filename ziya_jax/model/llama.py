@@ -32,10 +32,10 @@ class LlamaAttention(nn.Module):
         k = rotary(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         start = 0 if cache is None else cache_index
-        if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
-            cache = {"k": k, "v": v}
+        if cache is not None:  # [B, kv_heads, S, head_dim]: the layout attention's dots read without a transpose
+            write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.swapaxes(1, 2).astype(c.dtype), start, 2)
+            cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+            k, v = cache["k"].swapaxes(1, 2), cache["v"].swapaxes(1, 2)
         query_slot = start + jnp.arange(t)
         causal = query_slot[:, None] >= jnp.arange(k.shape[1])[None, :]
         mask = causal[None] & key_mask[:, None, :].astype(bool)
@@ -78,21 +78,30 @@ class LlamaLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    """LlamaForCausalLM. Parameters: embed_tokens, layers (stacked), norm, lm_head (absent when tied)."""
+    """LlamaForCausalLM. Parameters: embed_tokens, layers (stacked), norm, lm_head (absent when tied).
+
+    unrolled: one module per layer (parameters layers_0 ... layers_{depth-1}, see unroll_layers; cache a list of
+    per-layer {'k','v'}), for decoding: each step then reads every weight in place, where the scanned stack
+    slices (on CPU: copies) each layer's weights out first.
+    """
     cfg: LlamaConfig
     lora: LoraConfig = LoraConfig()
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat_policy: str = "none"
+    unrolled: bool = False
 
     def setup(self):
         cfg = self.cfg
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.width, dtype=self.dtype, param_dtype=self.param_dtype,
                                      embedding_init=logical(default_init, ("vocab", "embed")))
-        stack = scan_layers(LlamaLayer, cfg.depth, self.remat_policy,
-                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                            static_argnums=(6,))
-        self.layers = stack(cfg, self.lora, self.dtype, self.param_dtype)
+        if self.unrolled:
+            self.layers = [LlamaLayer(cfg, self.lora, self.dtype, self.param_dtype) for _ in range(cfg.depth)]
+        else:
+            stack = scan_layers(LlamaLayer, cfg.depth, self.remat_policy,
+                                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                                static_argnums=(6,))
+            self.layers = stack(cfg, self.lora, self.dtype, self.param_dtype)
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = Dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, lora=self.lora,
@@ -101,11 +110,22 @@ class Llama(nn.Module):
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)
 
-    def __call__(self, embeds, positions, key_mask, cache=None, cache_index=None, deterministic=True):
+    def __call__(self, embeds, positions, key_mask, cache=None, cache_index=None, deterministic=True,
+                 last_only=False):
         """embeds [B, T, W]; positions [B, T]; key_mask [B, S] (S = T, or the cache length when decoding);
-        cache {'k','v': [layers, B, S, kv_heads, head_dim]} written at slot cache_index. -> (logits f32, cache)."""
-        x, cache = self.layers(embeds.astype(self.dtype), cache, positions, key_mask, cache_index, deterministic)
-        x = self.norm(x)
+        cache {'k','v': [layers, B, kv_heads, S, head_dim]} (unrolled: a list of {'k','v': [B, kv_heads, S, ...]})
+        written at slot cache_index. -> (logits f32 [B, T, vocab], or [B, 1, vocab] with last_only, all a prefill
+        needs, cache)."""
+        x = embeds.astype(self.dtype)
+        if self.unrolled:
+            caches = []
+            for layer, c in zip(self.layers, cache or [None] * self.cfg.depth):
+                x, c = layer(x, c, positions, key_mask, cache_index, deterministic)
+                caches.append(c)
+            cache = None if cache is None else caches
+        else:
+            x, cache = self.layers(x, cache, positions, key_mask, cache_index, deterministic)
+        x = self.norm(x[:, -1:] if last_only else x)
         if self.cfg.tie_word_embeddings:
             logits = self.embed_tokens.attend(x)
         else:
@@ -113,7 +133,18 @@ class Llama(nn.Module):
         return logits.astype(jnp.float32), cache
 
 
-def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=jnp.float32):
-    """An empty KV cache of `length` slots for every layer."""
-    shape = (cfg.depth, batch, length, cfg.num_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=jnp.float32, unrolled: bool = False):
+    """An empty KV cache of `length` slots for every layer: stacked, or a list of per-layer caches."""
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+    if unrolled:
+        return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.depth)]
+    return {"k": jnp.zeros((cfg.depth, *shape), dtype), "v": jnp.zeros((cfg.depth, *shape), dtype)}
+
+
+def unroll_layers(llm_params):
+    """Llama parameters with the stacked `layers` split into layers_0 ... layers_{depth-1} (Llama(unrolled=True)).
+    A copy of the layer weights: make it once per loaded model."""
+    layers = llm_params["layers"]
+    depth = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    rest = {k: v for k, v in llm_params.items() if k != "layers"}
+    return {**rest, **{f"layers_{i}": jax.tree_util.tree_map(lambda a: a[i], layers) for i in range(depth)}}

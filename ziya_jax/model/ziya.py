@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ziya_jax.config import ModelConfig
-from ziya_jax.model.layers import Dense, default_init, logical
+from ziya_jax.model.layers import DEFAULT_INIT_STD, Dense, default_init, logical
 from ziya_jax.model.llama import Llama
 from ziya_jax.model.qformer import QFormer
 from ziya_jax.model.vit import VisionTransformer
@@ -28,7 +28,10 @@ def default_positions(attention_mask):
 
 
 class ZiyaVisual(nn.Module):
+    """unrolled_llm: the LLM's layers as separate modules (Llama(unrolled=True)), for ziya_jax.decode on
+    decode_params."""
     cfg: ModelConfig
+    unrolled_llm: bool = False
 
     def setup(self):
         cfg = self.cfg
@@ -40,7 +43,7 @@ class ZiyaVisual(nn.Module):
                                        (1, cfg.num_query_tokens, cfg.qformer.width), param_dtype)
         self.language_projection = Dense(cfg.llm.width, ("qformer_embed", "embed"), lora=cfg.lora, dtype=dtype,
                                          param_dtype=param_dtype)
-        self.language_model = Llama(cfg.llm, **common)
+        self.language_model = Llama(cfg.llm, **common, unrolled=self.unrolled_llm)
         if cfg.qformer.pretrain_heads:
             head = lambda n, axes: Dense(n, axes, lora=cfg.lora, dtype=dtype, param_dtype=param_dtype)
             self.vision_proj = head(cfg.qformer.embed_dim, ("embed", None))
@@ -75,9 +78,10 @@ class ZiyaVisual(nn.Module):
         gathered = jnp.take_along_axis(image_features, index[..., None], axis=1)
         return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
 
-    def language(self, embeds, positions, key_mask, cache=None, cache_index=None, deterministic: bool = True):
+    def language(self, embeds, positions, key_mask, cache=None, cache_index=None, deterministic: bool = True,
+                 last_only: bool = False):
         """The LLM alone on embeddings (prefill and cached decode steps)."""
-        return self.language_model(embeds, positions, key_mask, cache, cache_index, deterministic)
+        return self.language_model(embeds, positions, key_mask, cache, cache_index, deterministic, last_only)
 
     def __call__(self, input_ids, attention_mask, pixel_values=None, qformer_ids=None, qformer_mask=None,
                  positions=None, deterministic: bool = True):
@@ -111,10 +115,36 @@ def dummy_inputs(cfg: ModelConfig, batch: int = 1, text_len: int = 4):
     return input_ids, pixels, qformer_ids
 
 
+# Every normal-initialised weight is drawn from default_init, normal(0.02); init_fn rescales each to its
+# tower's initializer_range. Keys are the top-level parameter names and the weight's own name.
+_NORMAL_INIT = ("kernel", "embedding", "class_embedding", "position_embedding", "query_tokens")
+_TOWER = {"vision_model": "vision", "qformer": "qformer", "query_tokens": "qformer", "vision_proj": "qformer",
+          "text_proj": "qformer", "itm_head": "qformer", "language_model": "llm", "language_projection": "llm"}
+
+
+def init_std(cfg: ModelConfig, path: tuple[str, ...]) -> float | None:
+    """The init std of the weight at `path` (None for weights not drawn from default_init: biases, norms,
+    LoRA factors, the temperature)."""
+    if path[-1] not in _NORMAL_INIT:
+        return None
+    if path[0] == "vision_model" and path[-1] == "position_embedding":
+        return cfg.vision.position_initializer_range
+    return getattr(cfg, _TOWER[path[0]]).initializer_range
+
+
 def init_fn(cfg: ModelConfig):
     """rng -> boxed parameters (with logical axis names) of a fresh model."""
     model = ZiyaVisual(cfg)
-    return lambda rng: model.init(rng, *dummy_inputs(cfg), method=ZiyaVisual.initialize)["params"]
+
+    def rescale(path, x):
+        names = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        std = init_std(cfg, names)
+        return x if std is None or std == DEFAULT_INIT_STD else x * (std / DEFAULT_INIT_STD)
+
+    def fresh(rng):
+        params = model.init(rng, *dummy_inputs(cfg), method=ZiyaVisual.initialize)["params"]
+        return jax.tree_util.tree_map_with_path(rescale, params)
+    return fresh
 
 
 def init_params(cfg: ModelConfig, rng):
