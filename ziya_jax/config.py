@@ -28,9 +28,10 @@ class VisionConfig:
     num_heads: int = 16
     mlp_dim: int = 6144
     layer_norm_eps: float = 1e-6
-    # Std of the normal init of fresh weights (HF's initializer_range). The position embedding has its own: a
-    # ViT trained from scratch needs positions about as large as the patch embeddings, or attention over its
-    # tokens (the Q-Former's queries) cannot tell the cells of the image apart (see configs/demo.py).
+    # Std of the normal init of fresh weights (HF's initializer_range; applied by ziya_jax.model.ziya.init_fn, the
+    # whole model's initialiser). The position embedding has its own: a ViT trained from scratch needs positions
+    # about as large as the patch embeddings, or attention over its tokens (the Q-Former's queries) cannot tell
+    # the cells of the image apart (see configs/demo.py).
     initializer_range: float = 0.02
     position_initializer_range: float = 0.02
 
