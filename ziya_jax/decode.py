@@ -238,10 +238,8 @@ def _beam(model, params, logits, cache, key_mask, positions, seen, prompt_len, d
         cache = jax.tree_util.tree_map(lambda c: jnp.take(c, rows, axis=-4), s["cache"])
         next_tokens = run_tokens[:, :, step].reshape(-1)
         seen = s["seen"][rows].at[jnp.arange(b * k), next_tokens].set(True)
-        logits, cache, key_mask = jax.lax.cond(
-            go, lambda: _step(model, params, next_tokens, cache, s["key_mask"][rows], s["positions"],
-                              prompt_len + step),
-            lambda: (s["logits"], cache, s["key_mask"][rows]))
+        logits, cache, key_mask = _step(model, params, next_tokens, cache, s["key_mask"][rows], s["positions"],
+                                        prompt_len + step)
         return dict(step=step + 1, logits=logits, cache=cache, key_mask=key_mask, positions=s["positions"] + 1,
                     seen=seen, run_tokens=run_tokens, run_scores=live_scores, fin_tokens=take(merged_tokens),
                     fin_scores=fin_scores, fin_lengths=take(merged_lengths), fin_flags=fin_flags,
