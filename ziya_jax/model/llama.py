@@ -32,7 +32,7 @@ class LlamaAttention(nn.Module):
         k = rotary(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         start = 0 if cache is None else cache_index
-        if cache is not None:  # [B, kv_heads, S, head_dim]: the layout attention's dots read without a transpose
+        if cache is not None:  # [B, kv_heads, S, head_dim]: the score dot reads K without a transpose
             write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.swapaxes(1, 2).astype(c.dtype), start, 2)
             cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
             k, v = cache["k"].swapaxes(1, 2), cache["v"].swapaxes(1, 2)
