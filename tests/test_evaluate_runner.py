@@ -13,7 +13,7 @@ from test_evaluate_datasets import DATA, make_images
 from ziya_jax.chat import load_tokenizers
 from ziya_jax.checkpoint import load_model, save_model
 from ziya_jax.config import ModelConfig, load_config
-from ziya_jax.data import formats
+from ziya_jax.data import formats, synthetic
 from ziya_jax.data.synthetic import train_demo_tokenizers
 from ziya_jax.decode import DecodeConfig
 from ziya_jax.evaluate import captioning, grounding, inference, vqa
@@ -66,12 +66,12 @@ def model(tmp_path_factory):
 def synthetic_results(model):
     _, params, cfg, tok, qtok = model
     return evaluate_synthetic(params, cfg, tok, qtok, image_size=cfg.vision.image_size, n=N, batch_size=BATCH,
-                              show=3 * N)
+                              show=4)
 
 
 def _decode_lengths(tok, results) -> dict:
     """The synthetic run's decode lengths per decoder group, so later calls can reuse its compiled decoders."""
-    return {k: max_new_tokens_for(tok, [e["reference"] for r in results.values() for e in r["examples"]
+    return {k: max_new_tokens_for(tok, [e["reference"] for r in results.values() for e in r["predictions"]
                                         if e["task"] in tasks])
             for k, tasks in (("caption", ("caption",)), ("short", ("vqa", "grounding")))}
 
@@ -97,17 +97,24 @@ def test_decoded_text_drops_eos_and_the_image_placeholder(model):
     assert gen.decode([cfg.image_token_id]) == ""
 
 
-def test_synthetic_scores_agree_with_their_examples(synthetic_results):
+def test_synthetic_scores_agree_with_their_predictions(synthetic_results):
     r = synthetic_results
     assert set(r) == {"en", "zh"}
     for lang, res in r.items():
         for key in ("vqa_em", "cider", "bleu4", "grounding_acc", "retrieval_ir1", "retrieval_tr1"):
             assert 0.0 <= res[key] <= 100.0 * (10 if key == "cider" else 1), (lang, key)
         assert res["n"] == N
-        by_task = {t: [e for e in res["examples"] if e["task"] == t] for t in ("vqa", "caption", "grounding")}
-        assert [e["task"] for e in res["examples"][:3]] == ["vqa", "caption", "grounding"]
-        assert all(len(v) == N for v in by_task.values())
-        assert res["vqa_em"] == vqa.mean(vqa.exact_match(e["prediction"], e["reference"], lang) for e in by_task["vqa"])
+        by_task = {t: [e for e in res["predictions"] if e["task"] == t] for t in ("vqa", "caption", "grounding")}
+        assert [e["task"] for e in res["examples"]] == ["vqa", "caption", "grounding", "vqa"]
+        assert res["examples"][:2] == [by_task["vqa"][0], by_task["caption"][0]]
+        assert len(res["predictions"]) == 3 * N and all(len(v) == N for v in by_task.values())
+        hits = [(e["kind"], vqa.exact_match(e["prediction"], e["reference"], lang)) for e in by_task["vqa"]]
+        assert res["vqa_em"] == vqa.mean(h for _, h in hits)
+        kinds = {k for k, _ in hits}
+        assert kinds <= set(synthetic.VQA_KINDS) and len(kinds) > 1
+        assert {k for k in res if k.startswith("vqa_em_")} == {f"vqa_em_{k}" for k in kinds}
+        for kind in kinds:
+            assert res[f"vqa_em_{kind}"] == vqa.mean(h for k, h in hits if k == kind)
         boxes = [formats.parse_boxes(e["reference"])[0] for e in by_task["grounding"]]
         assert res["grounding_acc"] == vqa.mean(grounding.grounding_hit(e["prediction"], b)
                                                 for e, b in zip(by_task["grounding"], boxes))
@@ -124,6 +131,8 @@ def test_synthetic_table(synthetic_results):
         line = next(line for line in table.splitlines() if line.startswith(row))
         assert len(line.split()) == len(row.split()) + 2  # a number per language
     assert "jieba" in table and "PTB" in table
+    kinds = [k[len("vqa_em_"):] for k in synthetic_results["en"] if k.startswith("vqa_em_")]
+    assert kinds and all(f"\n  {kind} questions " in table for kind in kinds)
 
 
 def test_synthetic_without_stage1_heads_omits_retrieval(model):
@@ -152,10 +161,10 @@ def test_cli_synthetic_matches_the_library(model, synthetic_results, capsys):
     assert "Synthetic test split" in out and "[zh caption]" in out
     scores = json.loads((root / "out" / "synthetic.scores.json").read_text())
     for lang in ("en", "zh"):
-        want = {k: v for k, v in synthetic_results[lang].items() if k != "examples"}
+        want = {k: v for k, v in synthetic_results[lang].items() if k not in ("predictions", "examples")}
         assert scores[lang] == pytest.approx(want)
-    lines = (root / "out" / "synthetic.predictions.jsonl").read_text().splitlines()
-    assert len(lines) == 4 and json.loads(lines[0])["lang"] == "en"
+    rows = [json.loads(line) for line in (root / "out" / "synthetic.predictions.jsonl").read_text().splitlines()]
+    assert rows == [r | {"lang": lang} for lang in ("en", "zh") for r in synthetic_results[lang]["predictions"]]
 
 
 def test_cli_benchmarks_write_predictions_scores_and_the_table(model, synthetic_results, tmp_path, capsys):

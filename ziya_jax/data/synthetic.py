@@ -157,8 +157,9 @@ def annotate(scene: dict, task: str, lang: str, rng: np.random.Generator) -> dic
     if task == "caption":
         return {"caption": caption(scene, lang), "lang": lang}
     if task == "vqa":
-        question, answer = vqa(scene, VQA_KINDS[int(rng.integers(len(VQA_KINDS)))], lang, rng)
-        return {"question": question, "answer": answer, "lang": lang}
+        kind = VQA_KINDS[int(rng.integers(len(VQA_KINDS)))]
+        question, answer = vqa(scene, kind, lang, rng)
+        return {"question": question, "answer": answer, "lang": lang, "kind": kind}
     if task in ("grounding", "grounded_caption"):
         obj = objs[int(rng.integers(len(objs)))]
         name = f"{_word(obj['color'], lang)}{'' if lang == 'zh' else ' '}{_word(obj['shape'], lang)}"

@@ -100,8 +100,9 @@ def _synthetic(args, params, cfg, tok, qtok) -> int:
     results = evaluate_synthetic(params, cfg, tok, qtok, image_size=cfg.vision.image_size, n=args.limit or 200,
                                  batch_size=args.batch_size, show=args.show, en_tokenizer=args.en_tokenizer)
     seconds = time.perf_counter() - start
-    records = [ex | {"lang": lang} for lang, r in results.items() for ex in r.get("examples", [])]
-    scores = {lang: {k: v for k, v in r.items() if k != "examples"} for lang, r in results.items()}
+    records = [ex | {"lang": lang} for lang, r in results.items() for ex in r.get("predictions", [])]
+    scores = {lang: {k: v for k, v in r.items() if k not in ("predictions", "examples")}
+              for lang, r in results.items()}
     _write(args.out, "synthetic", records, scores | {"seconds": seconds})
     print(format_table(results))
     print(f"({seconds:.1f} s)")

@@ -1,5 +1,6 @@
-"""The bundled synthetic set's test split as a bilingual benchmark: VQA exact match, caption CIDEr, grounding
-accuracy (IoU >= 0.5) and, for models with the stage-1 heads, ITC retrieval IR@1/TR@1.
+"""The bundled synthetic set's test split as a bilingual benchmark: VQA exact match (overall and by question
+kind), caption CIDEr, grounding accuracy (IoU >= 0.5) and, for models with the stage-1 heads, ITC retrieval
+IR@1/TR@1.
 
 Examples are built on the fly from (seed, 'test', index) exactly as ziya_jax.data.synthetic defines them; the
 annotation of example i for task t in language l draws from its own generator [seed, test, i, t, l], so every
@@ -23,7 +24,9 @@ TASKS = ("vqa", "caption", "grounding", "retrieval")
 # need a longer one.
 _DECODE_GROUPS = (("vqa", "grounding"), ("caption",))
 _TASK_INDEX = {t: k for k, t in enumerate(formats.TASKS)}
-_ROWS = (("vqa_em", "VQA exact match"), ("cider", "Caption CIDEr"), ("bleu4", "Caption BLEU-4"),
+_ROWS = (("vqa_em", "VQA exact match"),
+         *((f"vqa_em_{kind}", f"  {kind} questions") for kind in synthetic.VQA_KINDS),
+         ("cider", "Caption CIDEr"), ("bleu4", "Caption BLEU-4"),
          ("grounding_acc", "Grounding acc (IoU>=0.5)"), ("retrieval_ir1", "Retrieval IR@1"),
          ("retrieval_tr1", "Retrieval TR@1"), ("retrieval_ir5", "Retrieval IR@5"), ("retrieval_tr5", "Retrieval TR@5"))
 
@@ -33,6 +36,7 @@ class _Example:
     query: str
     reference: str
     box: list | None = None
+    kind: str | None = None  # VQA: the question's kind (synthetic.VQA_KINDS)
 
 
 def _examples(scenes, task: str, lang: str, seed: int) -> list[_Example]:
@@ -41,7 +45,7 @@ def _examples(scenes, task: str, lang: str, seed: int) -> list[_Example]:
         rng = np.random.default_rng([seed, synthetic.SPLITS["test"], i, _TASK_INDEX[task], formats.LANGS.index(lang)])
         ann = synthetic.annotate(scene, task, lang, rng)
         turn = formats.conversation(task, ann).turns[0]
-        out.append(_Example(turn.query, turn.answer, ann.get("box")))
+        out.append(_Example(turn.query, turn.answer, ann.get("box"), ann.get("kind")))
     return out
 
 
@@ -56,8 +60,9 @@ def evaluate_synthetic(params, cfg: ModelConfig, tokenizer, qformer_tokenizer, *
                        en_tokenizer: str = "auto") -> dict:
     """{lang: {'vqa_em', 'cider', 'bleu4', 'grounding_acc', 'retrieval_ir1', 'retrieval_tr1', ..., 'n'}} on the
     first n test examples (x100). Retrieval runs only when params hold the stage-1 heads (vision_proj, text_proj)
-    and a Q-Former tokenizer is given; otherwise its keys are absent. show > 0 adds 'examples': that many
-    {task, question, prediction, reference} per language, taken from the tasks in turn."""
+    and a Q-Former tokenizer is given; otherwise its keys are absent. 'predictions' holds every decoded
+    {task, question, prediction, reference[, kind]}; show > 0 adds 'examples': that many of them per language,
+    taken from the tasks in turn."""
     unknown = set(tasks) - set(TASKS)
     if unknown or not tasks:
         raise ValueError(f"unknown synthetic tasks {sorted(unknown)}; known: {list(TASKS)}")
@@ -84,7 +89,8 @@ def evaluate_synthetic(params, cfg: ModelConfig, tokenizer, qformer_tokenizer, *
             for lang in langs:
                 rows = [(ex, p) for (t, l, _, ex), p in zip(flat, preds) if (t, l) == (task, lang)]
                 shown[lang][task] = [{"task": task, "question": ex.query, "prediction": p,
-                                      "reference": ex.reference} for ex, p in rows]
+                                      "reference": ex.reference} | ({"kind": ex.kind} if ex.kind else {})
+                                     for ex, p in rows]
                 results[lang] |= _score(task, rows, lang, en_tokenizer)
     if "retrieval" in tasks and inference.has_itc_heads(params) and qformer_tokenizer is not None:
         stacked = np.stack(pixels)
@@ -94,16 +100,21 @@ def evaluate_synthetic(params, cfg: ModelConfig, tokenizer, qformer_tokenizer, *
                                                batch_size=batch_size)
             recall = retrieval.recall_at_k(sim, np.arange(n), ks=(1, 5))
             results[lang] |= {f"retrieval_{d}{k}": recall[f"{d.upper()}@{k}"] for d in ("ir", "tr") for k in (1, 5)}
-    if show:
-        for lang in langs:
-            lists = [shown[lang][t] for t in TASKS if t in shown[lang]]
+    for lang in langs:
+        lists = [shown[lang][t] for t in TASKS if t in shown[lang]]
+        if lists:
+            results[lang]["predictions"] = [row for rows in lists for row in rows]
+        if show:
             results[lang]["examples"] = [row for group in zip(*lists) for row in group][:show]
     return results
 
 
 def _score(task: str, rows, lang: str, en_tokenizer: str) -> dict:
     if task == "vqa":
-        return {"vqa_em": vqa.mean(vqa.exact_match(p, ex.reference, lang) for ex, p in rows)}
+        hits = [(ex.kind, vqa.exact_match(p, ex.reference, lang)) for ex, p in rows]
+        by_kind = {f"vqa_em_{kind}": vqa.mean(h for k, h in hits if k == kind)
+                   for kind in synthetic.VQA_KINDS if any(k == kind for k, _ in hits)}
+        return {"vqa_em": vqa.mean(h for _, h in hits)} | by_kind
     if task == "grounding":
         return {"grounding_acc": vqa.mean(grounding.grounding_hit(p, ex.box) for ex, p in rows)}
     scores = captioning.caption_scores({str(k): [ex.reference] for k, (ex, _) in enumerate(rows)},
