@@ -10,7 +10,7 @@ import pytest
 from ziya_jax.config import ModelConfig, load_config
 from ziya_jax.decode import decode_params
 from ziya_jax.model import ZiyaVisual, abstract_params, default_positions, init_params
-from ziya_jax.model.layers import lora_adapters, merge_lora, unmerge_lora
+from ziya_jax.model.layers import lora_adapters, matmul, merge_lora, unmerge_lora
 from ziya_jax.model.llama import init_cache
 from ziya_jax.model.qformer import QFormer
 from ziya_jax.model.vit import VisionTransformer
@@ -57,6 +57,24 @@ def test_bf16_compute_close_to_f32():
     # Stated tolerance: bf16 compute (f32 params, f32 softmax/norm statistics) within 3% of the logit scale.
     assert err < 0.03, err
     assert err > 0  # bf16 was really used
+
+
+def test_matmul_gradients_equal_autodiff():
+    """The hand-written backward of layers.matmul against autodiff of the plain product (float32), and in bfloat16
+    its outputs and gradients stay within bfloat16 rounding of those."""
+    rng = np.random.default_rng(0)
+    x, w = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((2, 5, 16), (16, 12)))
+    ct = jnp.asarray(rng.normal(size=(2, 5, 12)), jnp.float32)
+    plain = lambda x, w: jnp.vdot(x @ w, ct)
+    ours = lambda x, w: jnp.vdot(matmul(x, w).astype(jnp.float32), ct)
+    want = jax.grad(plain, argnums=(0, 1))(x, w)
+    for got, ref in zip(jax.grad(ours, argnums=(0, 1))(x, w), want):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    assert matmul(xb, wb).dtype == jnp.bfloat16
+    for got, ref in zip(jax.grad(ours, argnums=(0, 1))(xb, wb), want):
+        assert got.dtype == jnp.bfloat16
+        assert np.abs(np.asarray(got, np.float32) - ref).max() < 0.05 * np.abs(ref).max()
 
 
 @pytest.mark.parametrize("unrolled", [False, True])

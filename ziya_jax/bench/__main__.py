@@ -16,6 +16,8 @@ def main(argv=None) -> int:
     train.add_argument("--batch", type=int, default=8)
     train.add_argument("--steps", type=int, default=3, help="timed steps per side (median is reported)")
     train.add_argument("--small", action="store_true", help="a tiny model, to check the benchmark itself quickly")
+    train.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                       help="compute dtype of both sides (weights and optimizer stay float32)")
     data = sub.add_parser("data", help="input pipeline examples/s vs the demo train step's consumption")
     data.add_argument("--config", default="configs/demo.py:stage=2")
     data.add_argument("--workers", type=int, default=2)

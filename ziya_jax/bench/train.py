@@ -5,9 +5,11 @@ vocab 32000), Base layout, random weights converted from one transformers Blip2 
 the same numbers. The step: LoRA rank 8 (alpha 16, no dropout) on the ViT's qkv/projection and the LLM's
 q/k/v/o projections; the Q-Former, query tokens, projection and LoRA factors train; AdamW with clipping; LM loss
 on the answer tokens; batch 8 of one image and 32 text tokens each. The PyTorch side wraps the same linears in a
-LoRA module, freezes the rest, and runs forward + backward + clip + AdamW in float32, all threads.
-MFU = the step's matmul FLOPs (counted from the traced program, remat included) / step time / a square f32
-matmul's FLOP/s measured in the same run.
+LoRA module, freezes the rest, and runs forward + backward + clip + AdamW, all threads.
+--dtype bfloat16 computes both sides in bfloat16 with float32 weights and optimizer (ziya_jax: model.dtype; PyTorch:
+CPU autocast); the default is float32 on both.
+MFU = the step's matmul FLOPs (counted from the traced program, remat included) / step time / a square matmul's
+FLOP/s in the compute dtype, measured in the same run.
 """
 from __future__ import annotations
 
@@ -53,9 +55,10 @@ def batch_arrays(cfg, batch: int) -> dict[str, np.ndarray]:
                 pixel_values=rng.normal(size=(batch, 1, size, size, 3)).astype(np.float32))
 
 
-def jax_step(params, cfg, batch: dict, steps: int):
+def jax_step(params, cfg, batch: dict, steps: int, dtype: str):
     """-> (seconds per step, FLOPs per step, first loss)."""
-    cfg = dataclasses.replace(cfg, lora=LoraConfig(rank=RANK, alpha=2.0 * RANK, dropout=0.0, targets=LORA_TARGETS))
+    cfg = dataclasses.replace(cfg, dtype=dtype,
+                              lora=LoraConfig(rank=RANK, alpha=2.0 * RANK, dropout=0.0, targets=LORA_TARGETS))
     fresh = flatten(init_params(cfg, jax.random.key(0)))  # the LoRA factors (B = 0); the rest comes from HF
     params = unflatten({**fresh, **flatten(params)})
     opt = default_optimizer(**OPTIMIZER)
@@ -76,7 +79,7 @@ def jax_step(params, cfg, batch: dict, steps: int):
     return float(np.median(times)), flops, first
 
 
-def torch_step(model, batch: dict, steps: int):
+def torch_step(model, batch: dict, steps: int, dtype: str):
     """The same step in PyTorch -> (seconds per step, first loss)."""
     import torch
 
@@ -92,7 +95,8 @@ def torch_step(model, batch: dict, steps: int):
     pixels = torch.from_numpy(batch["pixel_values"][:, 0].transpose(0, 3, 1, 2).copy())
 
     def one_step():
-        logits = model(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            logits = model(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
         losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
                                                    reduction="none")
         weights = loss_mask[:, 1:].flatten().float()
@@ -146,16 +150,16 @@ def run(args) -> dict:
         model.save_pretrained(tmp)
         params, cfg = load_hf(tmp)
     batch = batch_arrays(cfg, args.batch)
-    peak = measure_matmul_flops()
-    ours_s, flops, ours_loss = jax_step(params, cfg, batch, args.steps)
+    peak = measure_matmul_flops(dtype=jnp.dtype(args.dtype))
+    ours_s, flops, ours_loss = jax_step(params, cfg, batch, args.steps, args.dtype)
     del params
-    theirs_s, theirs_loss = torch_step(model, batch, args.steps)
+    theirs_s, theirs_loss = torch_step(model, batch, args.steps, args.dtype)
     mfu = flops / ours_s / peak
     print(f"first-step loss: ziya_jax {ours_loss:.5f}, PyTorch {theirs_loss:.5f} (same weights, LoRA B = 0)")
     print(f"step time: ziya_jax {ours_s * 1e3:.0f} ms, PyTorch {theirs_s * 1e3:.0f} ms -> {theirs_s / ours_s:.2f}x")
-    print(f"matmul FLOPs/step {flops / 1e9:.1f} G; measured f32 matmul peak {peak / 1e9:.1f} GFLOP/s -> MFU "
-          f"{mfu:.1%}")
-    result = dict(batch=args.batch, lora_rank=RANK, ziya_jax_step_s=ours_s, pytorch_step_s=theirs_s,
+    print(f"matmul FLOPs/step {flops / 1e9:.1f} G; measured {args.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s -> "
+          f"MFU {mfu:.1%}")
+    result = dict(batch=args.batch, lora_rank=RANK, dtype=args.dtype, ziya_jax_step_s=ours_s, pytorch_step_s=theirs_s,
                   speedup=theirs_s / ours_s, flops_per_step=flops, peak_flops=peak, mfu=mfu,
                   first_loss_ziya_jax=ours_loss, first_loss_pytorch=theirs_loss, device=str(jax.devices()[0]))
     print(json.dumps(result))

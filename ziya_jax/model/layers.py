@@ -27,6 +27,33 @@ def lora_applies(lora: LoraConfig, path: tuple[str, ...]) -> bool:
     return lora.rank > 0 and any(re.fullmatch(t, path) for t in lora.targets)
 
 
+@jax.custom_vjp
+def matmul(x, w):
+    """x [..., in] @ w [in, out] (one dtype) accumulated in float32 and returned in that dtype, and so are the
+    products of its backward pass, which computes only the gradients asked for (none for a frozen weight).
+    Autodiff's backward would multiply in the output dtype: XLA on CPU runs a bfloat16 product with a bfloat16
+    result at half the speed of one with a float32 result (measured: 43 vs 22 ms at 1576x768x3072)."""
+    if x.dtype != w.dtype:
+        raise TypeError(f"matmul of {x.dtype} by {w.dtype}; cast both to the compute dtype")
+    return jnp.einsum("...i,io->...o", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _matmul_fwd(x, w):  # x, w: CustomVJPPrimal (symbolic zeros); keep only what the wanted gradients read
+    return matmul(x.value, w.value), (x.value if w.perturbed else None, w.value if x.perturbed else None)
+
+
+def _matmul_bwd(residuals, dy):
+    x, w = residuals
+    if isinstance(dy, jax.custom_derivatives.SymbolicZero):
+        return None, None
+    product = lambda spec, a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dy.dtype)
+    return (None if w is None else product("...o,io->...i", dy, w),
+            None if x is None else product("...i,...o->io", x, dy))
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd, symbolic_zeros=True)
+
+
 class Dense(nn.Module):
     """The one linear layer of ViT, Q-Former, projection and LLM.
 
@@ -48,7 +75,7 @@ class Dense(nn.Module):
         kernel = self.param("kernel", logical(self.kernel_init, self.axes), (in_features, self.features),
                             self.param_dtype)
         x = x.astype(self.dtype)
-        y = jnp.einsum("...i,io->...o", x, kernel.astype(self.dtype))
+        y = matmul(x, kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", logical(nn.initializers.zeros, self.axes[1:]), (self.features,),
                               self.param_dtype)
