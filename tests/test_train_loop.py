@@ -166,6 +166,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(config_file, t
     assert not os.path.exists(os.path.join(tmp_path, "model"))
 
 
+def test_periodic_and_final_evaluation(config_file, tmp_path):
+    result = train(config_file, tmp_path, "stage=2,steps=4", "--config.eval.every=2", "--config.eval.tasks=('vqa',)",
+                   "--config.eval.n=2")
+    assert "eval at step 2: en/vqa_em=" in result.stdout and "eval at step 4" not in result.stdout  # 4: the final
+    with open(os.path.join(tmp_path, loop.EVAL_FILE), encoding="utf-8") as f:
+        final = json.load(f)
+    for lang in ("en", "zh"):
+        assert 0 <= final[lang]["vqa_em"] <= 100
+        assert [r["task"] for r in final[lang]["predictions"]] == ["vqa", "vqa"]
+
+
 def test_stages_start_from_the_previous_model(config_file, tmp_path):
     train(config_file, tmp_path, "stage=0,steps=2")
     stage2, _ = load_model(os.path.join(tmp_path, "stage2", "model"))

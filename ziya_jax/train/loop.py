@@ -203,7 +203,10 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
                     checkpoints.wait()
                     raise Preempted(f"SIGTERM at step {step}: saved; rerun the same command to resume")
                 if config.eval.every and step % config.eval.every == 0 and step < total:
-                    reporter.scalars(step, "eval", _flat_scores(evaluate(config, state.params(), cfg, tok, qtok)))
+                    scores = _flat_scores(evaluate(config, state.params(), cfg, tok, qtok))
+                    reporter.scalars(step, "eval", scores)
+                    reporter.write(f"eval at step {step}: " + " ".join(f"{k}={v:.1f}" for k, v in scores.items()
+                                                                       if not k.endswith("/n")))
             checkpoints.wait()
         finally:
             stop.restore()
