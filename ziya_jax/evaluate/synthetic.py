@@ -76,7 +76,7 @@ def evaluate_synthetic(params, cfg: ModelConfig, tokenizer, qformer_tokenizer, *
         scenes.append(scene)
         pixels.append(images.to_pixels(images.open_rgb(image), cfg.vision.image_size))
     results = {lang: {"n": n} for lang in langs}
-    shown = {lang: {} for lang in langs}
+    predicted = {lang: {} for lang in langs}
     groups = [g for g in (tuple(t for t in group if t in tasks) for group in _DECODE_GROUPS) if g]
     gen = inference.Generator(params, cfg, tokenizer, qformer_tokenizer, batch_size=batch_size) if groups else None
     for group in groups:  # one decoder program per group: both languages and the group's tasks in one call
@@ -88,7 +88,7 @@ def evaluate_synthetic(params, cfg: ModelConfig, tokenizer, qformer_tokenizer, *
         for task in group:
             for lang in langs:
                 rows = [(ex, p) for (t, l, _, ex), p in zip(flat, preds) if (t, l) == (task, lang)]
-                shown[lang][task] = [{"task": task, "question": ex.query, "prediction": p,
+                predicted[lang][task] = [{"task": task, "question": ex.query, "prediction": p,
                                       "reference": ex.reference} | ({"kind": ex.kind} if ex.kind else {})
                                      for ex, p in rows]
                 results[lang] |= _score(task, rows, lang, en_tokenizer)
@@ -101,7 +101,7 @@ def evaluate_synthetic(params, cfg: ModelConfig, tokenizer, qformer_tokenizer, *
             recall = retrieval.recall_at_k(sim, np.arange(n), ks=(1, 5))
             results[lang] |= {f"retrieval_{d}{k}": recall[f"{d.upper()}@{k}"] for d in ("ir", "tr") for k in (1, 5)}
     for lang in langs:
-        lists = [shown[lang][t] for t in TASKS if t in shown[lang]]
+        lists = [predicted[lang][t] for t in TASKS if t in predicted[lang]]
         if lists:
             results[lang]["predictions"] = [row for rows in lists for row in rows]
         if show:
