@@ -113,3 +113,16 @@ def test_source_is_random_access():
     assert (rec["images"][0] == synthetic.generate("validation", 3, 32)[0]).all()
     with pytest.raises(IndexError):
         src[10]
+
+
+def test_cell_labels_name_each_cell_or_nothing(scenes):
+    empty = [len(names) for names in synthetic.CELL_ATTRIBUTES.values()]
+    for scene in scenes[:50]:
+        labels = synthetic.cell_labels(scene)
+        assert labels.shape == (synthetic.GRID ** 2, 3)
+        by_cell = {[p for p, _ in synthetic.POSITIONS].index(o["position"]): o for o in scene["objects"]}
+        for cell, row in enumerate(labels):
+            obj = by_cell.get(cell)
+            expected = empty if obj is None else [names.index(obj[a]) for a, names in
+                                                  synthetic.CELL_ATTRIBUTES.items()]
+            assert list(row) == expected

@@ -28,19 +28,22 @@ from ziya_jax.config import load_config, parse_arg
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, stage=0, steps={STEPS}, save_every=4)
-    config = load_config({os.path.join(ROOT, "configs", "demo.py")!r} + (f":stage={{args['stage']}}" if args["stage"] else ""))
+    args = parse_arg(arg, stage="all", steps={STEPS}, save_every=4)
+    config = load_config({os.path.join(ROOT, "configs", "demo.py")!r} + f":stage={{args['stage']}}")
     for stage in (config.stages.values() if "stages" in config else [config]):
         m = stage.model
-        m.vision.update(image_size=32, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64)
+        m.vision.update(image_size=24, patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64)
         m.qformer.update(width=32, depth=1, num_heads=2, mlp_dim=64, embed_dim=16)
         m.llm.update(width=32, depth=1, num_heads=2, num_kv_heads=2, head_dim=16, mlp_dim=64)
         m.num_query_tokens = 4
-        stage.data.update(batch_size=8, text_len=48, qformer_text_len=32)
         stage.train.optimizer.update(total_steps=args["steps"], warmup_steps=2)
+        stage.log_every = 1
+        if stage.get("kind") == "vision":
+            stage.data.update(batch_size=8, eval_n=16)
+            continue
+        stage.data.update(batch_size=8, text_len=48, qformer_text_len=32)
         stage.checkpoint.save_every = args["save_every"]
         stage.eval.tasks = ()
-        stage.log_every = 1
     return config
 '''
 
@@ -178,19 +181,23 @@ def test_periodic_and_final_evaluation(config_file, tmp_path):
 
 
 def test_stages_start_from_the_previous_model(config_file, tmp_path):
-    train(config_file, tmp_path, "stage=0,steps=2")
+    train(config_file, tmp_path, "stage=all,steps=2")
     stage2, _ = load_model(os.path.join(tmp_path, "stage2", "model"))
     stage3, cfg3 = load_model(os.path.join(tmp_path, "stage3", "model"))
     trainable = load_config(f"{config_file}:stage=3").train.trainable
     s2, s3 = flatten(stage2), flatten(stage3)
     assert any("lora_a" in p[-1] for p in s3) and not any("lora_a" in p[-1] for p in s2)
-    assert "vision_proj" in load_model(os.path.join(tmp_path, "stage1", "model"))[0]  # stage 1's own heads
+    stage0, stage1 = (flatten(load_model(os.path.join(tmp_path, f"stage{s}", "model"))[0]) for s in (0, 1))
+    assert ("vision_proj", "kernel") in stage1  # stage 1's own heads
+    for p in stage0:  # the pretrained ViT (stage 0), frozen in stage 1
+        if p[0] == "vision_model":
+            np.testing.assert_array_equal(np.asarray(stage1[p]), np.asarray(stage0[p]))
     frozen = [p for p in s3 if not matches(p, trainable)]
     assert frozen
     for p in frozen:  # stage 3's frozen parameters are stage 2's, untouched
         np.testing.assert_array_equal(np.asarray(s3[p]), np.asarray(s2[p]))
-    result = train(config_file, tmp_path, "stage=0,steps=2")  # all done: nothing trains again
-    assert result.stdout.count("already trained") == 3
+    result = train(config_file, tmp_path, "stage=all,steps=2")  # all done: nothing trains again
+    assert result.stdout.count("already trained") == 4
 
 
 @pytest.mark.parametrize("override,message", [

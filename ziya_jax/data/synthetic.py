@@ -115,6 +115,19 @@ def generate(split: str, index: int, image_size: int = 64, seed: int = 0) -> tup
     return image, {"objects": objects}
 
 
+CELL_ATTRIBUTES = {"color": [c for c, *_ in COLORS], "shape": [s for s, _ in SHAPES], "size": [s for s, *_ in SIZES]}
+
+
+def cell_labels(scene: dict) -> np.ndarray:
+    """int32 [GRID * GRID, 3]: each cell's colour, shape and size index (CELL_ATTRIBUTES order, row-major cells);
+    an empty cell holds each attribute's class count ("nothing")."""
+    labels = np.array([[len(v) for v in CELL_ATTRIBUTES.values()]] * (GRID * GRID), np.int32)
+    cells = [p for p, _ in POSITIONS]
+    for o in scene["objects"]:
+        labels[cells.index(o["position"])] = [names.index(o[a]) for a, names in CELL_ATTRIBUTES.items()]
+    return labels
+
+
 def caption(scene: dict, lang: str) -> str:
     objs = scene["objects"]
     if lang == "zh":

@@ -32,6 +32,7 @@ from ziya_jax.train.observe import Reporter, matmul_flops, peak_flops
 from ziya_jax.train.optimizer import logged_lr, make_optimizer
 from ziya_jax.train.sharded import jit_train_step, state_shardings
 from ziya_jax.train.step import Stage, init_state
+from ziya_jax.train.vision import train_vision
 from ziya_jax.tree import flatten, unflatten
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,8 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
     if os.path.isdir(final):
         print(f"{workdir}: already trained ({final} exists)")
         return _read_eval(workdir)
+    if config.get("kind") == "vision":  # the demo's vision pretraining
+        return train_vision(config, workdir, final)
     cfg = ModelConfig.from_dict(config.model.to_dict())
     train = config.train
     tok, qtok = tokenizers(config.data, root)
