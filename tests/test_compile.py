@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -51,33 +50,22 @@ def test_matmul_flops_counts_every_scan_iteration_the_larger_branch_and_remat():
     assert matmul_flops(jax.make_jaxpr(jax.grad(jax.checkpoint(chain)))(w).jaxpr) == 5 * one
 
 
-def test_scanned_llama_compile_time_does_not_grow_with_depth():
-    """4 vs 40 layers: the same program size, and under 1.5x the compile time (best of two)."""
+def test_scanned_llama_program_does_not_grow_with_depth():
+    """4 vs 40 layers: the same program before and after XLA's optimisation (the layer loop is not unrolled), so
+    compile time does not grow with depth. (Compile times themselves vary too much on a shared CPU to assert.)"""
     model = load_config("configs/tiny.py:variant=base,stage=2").model.to_dict()
     model["remat_policy"] = "full"
     model["llm"] = dict(model["llm"], width=128, num_heads=8, num_kv_heads=8, head_dim=16, mlp_dim=256)
     cfg = ModelConfig.from_dict(model)
     mesh = make_mesh((2, 2, 2))
-    sizes, seconds = {}, {}
-    # Nothing may come from the persistent cache (conftest's): nothing compiled here is written to it.
-    min_seconds = jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
-    try:
-        for depth in (4, 40):
-            times = []
-            for _ in range(2):  # a fresh jit each time: a lowered program compiles once, then comes from memory
-                step, args = llama_step(cfg, depth, 8, 32, mesh, DEFAULT_RULES)
-                with jax.set_mesh(mesh):
-                    lowered = step.lower(*args)
-                    start = time.perf_counter()
-                    lowered.compile()
-                    times.append(time.perf_counter() - start)
-            sizes[depth] = len(lowered.as_text().splitlines())
-            seconds[depth] = min(times)
-    finally:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
-    assert sizes[4] == sizes[40]
-    assert seconds[4] > 0.1 and seconds[40] < 1.5 * seconds[4], seconds
+    sizes = {}
+    for depth in (4, 40):
+        step, args = llama_step(cfg, depth, 8, 32, mesh, DEFAULT_RULES)
+        with jax.set_mesh(mesh):
+            lowered = step.lower(*args)
+            compiled = lowered.compile()
+        sizes[depth] = (len(lowered.as_text().splitlines()), len(compiled.as_text().splitlines()))
+    assert sizes[4] == sizes[40], sizes
 
 
 TINY_TRAIN = """
