@@ -27,6 +27,7 @@ SIZES = (("small", "小的", 0.5), ("medium", "中等的", 0.7), ("large", "大�
 GRID = 3
 POSITIONS = (("top left", "左上"), ("top", "上方"), ("top right", "右上"), ("left", "左侧"), ("center", "中间"),
              ("right", "右侧"), ("bottom left", "左下"), ("bottom", "下方"), ("bottom right", "右下"))
+CELL_OF = {name: cell for cell, (name, _) in enumerate(POSITIONS)}  # row-major grid cell of a position
 SPLITS = {"train": 0, "validation": 1, "test": 2}
 VQA_KINDS = ("color", "shape", "count", "position", "yesno")
 MAX_OBJECTS = 4
@@ -68,7 +69,7 @@ def sample_scene(rng: np.random.Generator, image_size: int) -> dict:
         objects.append({"color": COLORS[p // len(SHAPES)][0], "shape": SHAPES[p % len(SHAPES)][0], "size": size,
                         "position": POSITIONS[c][0],
                         "box_px": [cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2]})
-    objects.sort(key=lambda o: [p for p, _ in POSITIONS].index(o["position"]))
+    objects.sort(key=lambda o: CELL_OF[o["position"]])
     background = {"level": rng.uniform(70, 190), "tint": rng.uniform(-20, 20, 3), "angle": rng.uniform(0, 2 * np.pi),
                   "ramp": rng.uniform(0, 40), "noise": rng.uniform(3, 10)}
     return {"objects": objects, "background": background}
@@ -122,9 +123,8 @@ def cell_labels(scene: dict) -> np.ndarray:
     """int32 [GRID * GRID, 3]: each cell's colour, shape and size index (CELL_ATTRIBUTES order, row-major cells);
     an empty cell holds each attribute's class count ("nothing")."""
     labels = np.array([[len(v) for v in CELL_ATTRIBUTES.values()]] * (GRID * GRID), np.int32)
-    cells = [p for p, _ in POSITIONS]
     for o in scene["objects"]:
-        labels[cells.index(o["position"])] = [names.index(o[a]) for a, names in CELL_ATTRIBUTES.items()]
+        labels[CELL_OF[o["position"]]] = [names.index(o[a]) for a, names in CELL_ATTRIBUTES.items()]
     return labels
 
 
