@@ -187,7 +187,7 @@ def test_stages_start_from_the_previous_model(config_file, tmp_path):
     trainable = load_config(f"{config_file}:stage=3").train.trainable
     s2, s3 = flatten(stage2), flatten(stage3)
     assert any("lora_a" in p[-1] for p in s3) and not any("lora_a" in p[-1] for p in s2)
-    stage0, stage1 = (flatten(load_model(os.path.join(tmp_path, f"stage{s}", "model"))[0]) for s in (0, 1))
+    stage0, stage1 = (flatten(load_model(os.path.join(tmp_path, f"stage{s}", "model"))[0]) for s in ("0", "1b"))
     assert ("vision_proj", "kernel") in stage1  # stage 1's own heads
     for p in stage0:  # the pretrained ViT (stage 0), frozen in stage 1
         if p[0] == "vision_model":
@@ -197,7 +197,17 @@ def test_stages_start_from_the_previous_model(config_file, tmp_path):
     for p in frozen:  # stage 3's frozen parameters are stage 2's, untouched
         np.testing.assert_array_equal(np.asarray(s3[p]), np.asarray(s2[p]))
     result = train(config_file, tmp_path, "stage=all,steps=2")  # all done: nothing trains again
-    assert result.stdout.count("already trained") == 4
+    assert result.stdout.count("already trained") == 5
+
+
+def test_demo_stages_run_itg_alone_before_the_joint_stage_1():
+    demo = os.path.join(ROOT, "configs", "demo.py")
+    config = load_config(demo)
+    assert list(config.stages) == ["stage0", "stage1a", "stage1b", "stage2", "stage3"]  # the order they run in
+    assert dict(config.stages.stage1a.train.losses) == {"itg": 1.0}
+    assert dict(config.stages.stage1b.train.losses) == {"itc": 1.0, "itm": 1.0, "itg": 1.0}
+    with pytest.raises(ValueError, match="unknown demo stage '1'; known: .*'1a', '1b'"):
+        load_config(f"{demo}:stage=1")
 
 
 @pytest.mark.parametrize("override,message", [

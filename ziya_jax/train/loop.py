@@ -50,7 +50,8 @@ class Preempted(RuntimeError):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains the config's stage, or each of config.stages in order -> {stage name: eval results}."""
+    """Trains the config's stage, or each of config.stages in the order of their names (ml_collections sorts
+    them) -> {stage name: eval results}."""
     if "stages" not in config:
         return {"stage": run_stage(config, workdir, workdir)}
     results, previous = {}, ""
