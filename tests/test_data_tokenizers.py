@@ -1,5 +1,6 @@
 """Tokenizers: lossless bilingual round trips, deterministic training, added tokens, BERT vocab.txt."""
 import copy
+import itertools
 import json
 
 import pytest
@@ -45,6 +46,16 @@ def test_role_tokens_are_single_pieces_and_special_ids_follow_llama(demo):
         assert tok.encode(role) == [tok.piece_id(role)]
     with pytest.raises(KeyError):
         tok.piece_id("<no such piece>")
+
+
+def test_demo_pieces_stay_inside_chinese_words(demo):
+    tok, _ = demo
+    text = "图中有3个物体：左上是一个大的红色圆形，右下是一个小的蓝色正方形。红色正方形在哪里？"
+    piece_ends = set(itertools.accumulate(len(tok.decode([i])) for i in tok.encode(text)))
+    word_ends = set(itertools.accumulate(len(w) for w in tokenizers.mark_chinese_words(text)
+                                         .split(tokenizers.WORD_BOUNDARY)))
+    assert word_ends <= piece_ends  # every word boundary is a piece boundary
+    assert [tok.decode([i]) for i in tok.encode("红色正方形在哪里？")] == ["红色", "正方形", "在", "哪里", "？"]
 
 
 def test_demo_training_is_deterministic(tmp_path):

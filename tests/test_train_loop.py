@@ -208,6 +208,26 @@ def test_demo_stages_run_itg_alone_before_the_joint_stage_1():
     assert dict(config.stages.stage1b.train.losses) == {"itc": 1.0, "itm": 1.0, "itg": 1.0}
     with pytest.raises(ValueError, match="unknown demo stage '1'; known: .*'1a', '1b'"):
         load_config(f"{demo}:stage=1")
+    for name in ("stage1b", "stage2", "stage3"):  # after stage 1a, the Q-Former learns at a tenth of the rate
+        assert dict(config.stages[name].train.optimizer.lr_multipliers) == {"qformer": 0.1, "query_tokens": 0.1}
+    assert not config.stages.stage1a.train.optimizer.lr_multipliers
+    chat2, base2 = load_config(f"{demo}:stage=2").train.trainable, load_config(f"{demo}:stage=2,variant=base").train.trainable
+    assert matches(("qformer", "layer"), chat2) and not matches(("qformer", "layer"), base2)  # Chat's is instruction-aware
+
+
+def test_tokenizers_larger_than_the_model_vocabulary_are_refused(tmp_path):
+    from ziya_jax.chat import load_tokenizers
+    from ziya_jax.config import ModelConfig
+    from ziya_jax.data import synthetic
+
+    synthetic.train_demo_tokenizers(str(tmp_path), num_scenes=50)
+    tok, qtok = load_tokenizers(str(tmp_path))
+    cfg = ModelConfig.from_dict(load_config(os.path.join(ROOT, "configs", "demo.py") + ":stage=2").model.to_dict())
+    loop.check_vocabularies(tok, qtok, cfg)  # the demo's own tokenizers fit the demo model
+    assert cfg.image_token_id == tok.vocab_size  # the placeholder is the one id past the tokenizer's
+    small = ModelConfig.from_dict({**cfg.to_dict(), "llm": {**cfg.to_dict()["llm"], "vocab_size": tok.vocab_size - 1}})
+    with pytest.raises(ValueError, match=f"LLM tokenizer has {tok.vocab_size} ids but model.llm.vocab_size"):
+        loop.check_vocabularies(tok, qtok, small)
 
 
 @pytest.mark.parametrize("override,message", [

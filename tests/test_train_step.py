@@ -118,6 +118,22 @@ def test_weight_decay_skips_biases_norms_and_temperature():
         assert float(jnp.abs(leaf).max()) == 0
 
 
+def test_lr_multipliers_scale_the_updates_of_the_parameters_they_match():
+    opt = default_optimizer(lr=1e-2, warmup_init_lr=1e-2, warmup_steps=0, total_steps=10, end_lr=1e-2,
+                            lr_multipliers=(("qformer", 0.1),))
+    tx = make_optimizer(opt)
+    leaf = jnp.arange(1.0, 5.0).reshape(2, 2)
+    params = {"qformer": {"kernel": leaf}, "qformer_like": {"kernel": leaf}, "language_model": {"kernel": leaf}}
+    grads = jax.tree_util.tree_map(lambda x: x - 2.5, params)
+    state = tx.init(params)
+    for _ in range(3):  # Adam's moments: the ratio holds at every step, not only the first
+        updates, state = tx.update(grads, state, params)
+        full = np.asarray(updates["language_model"]["kernel"])
+        assert np.abs(full).min() > 0
+        np.testing.assert_allclose(np.asarray(updates["qformer"]["kernel"]), 0.1 * full, rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(updates["qformer_like"]["kernel"]), full)  # a path prefix, not a substring
+
+
 def test_itg_without_dec_token_is_an_error():
     with pytest.raises(ValueError, match="dec_token_id"):
         Stage(trainable=("qformer",), loss_weights=(("itg", 1.0),))

@@ -10,7 +10,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     tok = sub.add_parser("tokenizers", help="train the demo LLM and Q-Former sentencepiece models")
     tok.add_argument("--out", required=True)
-    tok.add_argument("--llm-vocab-size", type=int, default=1024)
+    tok.add_argument("--llm-vocab-size", type=int, default=640)
     tok.add_argument("--qformer-vocab-size", type=int, default=512)
     tok.add_argument("--seed", type=int, default=0)
     syn = sub.add_parser("synthetic", help="write the synthetic set as an ArrayRecord TFDS data set")

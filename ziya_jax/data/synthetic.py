@@ -201,10 +201,11 @@ def corpus(num_scenes: int = 400, seed: int = 0) -> list[str]:
     return texts
 
 
-def train_demo_tokenizers(out_dir: str, llm_vocab_size: int = 1024, qformer_vocab_size: int = 512,
+def train_demo_tokenizers(out_dir: str, llm_vocab_size: int = 640, qformer_vocab_size: int = 512,
                           num_scenes: int = 400, seed: int = 0) -> tuple[str, str]:
-    """Trains the demo's LLM and Q-Former sentencepiece models on `corpus` (deterministic, well under a
-    second) -> paths of `llm.model` and `qformer.model` in out_dir. The LLM model has `<human>`/`<bot>` as
+    """Trains the demo's LLM and Q-Former sentencepiece models on `corpus` (deterministic, about a second)
+    -> paths of `llm.model` and `qformer.model` in out_dir. No piece crosses a Chinese word boundary, so
+    "红色正方形在哪里" is 红色/正方形/在/哪里, as "Where is the red square" is five words. The LLM model has `<human>`/`<bot>` as
     single pieces and ids 0 unk, 1 bos, 2 eos; the Q-Former model has a pad id and [CLS]/[SEP]/[DEC].
     Neither ever produces id `vocab_size`, so a model with one more vocabulary entry can use it as
     `image_token_id`."""
@@ -214,7 +215,7 @@ def train_demo_tokenizers(out_dir: str, llm_vocab_size: int = 1024, qformer_voca
     for path, size, symbols, pad in ((paths[0], llm_vocab_size, tokenizers.ZIYA_ROLE_TOKENS, False),
                                      (paths[1], qformer_vocab_size, tokenizers.QFORMER_SPECIALS, True)):
         with open(path, "wb") as f:
-            f.write(tokenizers.train_sentencepiece(texts, size, symbols, pad=pad))
+            f.write(tokenizers.train_sentencepiece(texts, size, symbols, pad=pad, chinese_words=True))
     return paths
 
 

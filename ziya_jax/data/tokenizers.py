@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,6 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import sentencepiece as spm
 
 ZIYA_ROLE_TOKENS = ("<human>", "<bot>")
+WORD_BOUNDARY = "\x1f"  # the ASCII unit separator: marks Chinese word boundaries in training text, never in real text
+_CJK = re.compile(r"[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef]")
 QFORMER_SPECIALS = ("[CLS]", "[SEP]", "[DEC]")
 
 
@@ -183,14 +186,35 @@ class _BertBackend:
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
+def mark_chinese_words(text: str) -> str:
+    """`text` with WORD_BOUNDARY between jieba's words (dictionary only, no HMM) wherever a boundary touches a
+    Chinese character or full-width punctuation; English keeps sentencepiece's own whitespace rule."""
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)
+    words = jieba.lcut(text, HMM=False)
+    marked = words[:1]
+    for left, right in zip(words, words[1:]):
+        if _CJK.match(left[-1]) or _CJK.match(right[0]):
+            marked.append(WORD_BOUNDARY)
+        marked.append(right)
+    return "".join(marked)
+
+
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, user_symbols: Sequence[str] = (),
-                        pad: bool = False) -> bytes:
+                        pad: bool = False, chinese_words: bool = False) -> bytes:
     """A BPE sentencepiece model (serialized proto) from `texts`, deterministically: one thread, every
     sentence in the given order. Ids: 0 unk, 1 bos, 2 eos (LLaMA's layout), then pad if asked, then
-    `user_symbols`; byte fallback makes every text encodable and decodable without loss."""
+    `user_symbols`; byte fallback makes every text encodable and decodable without loss.
+    chinese_words: no piece crosses a Chinese word boundary (mark_chinese_words), as in the word vocabularies
+    of bilingual LLMs. Without it, BPE on templated text learns whole Chinese phrases as single pieces (one per
+    question), which a model cannot compose."""
+    if chinese_words:
+        texts = (mark_chinese_words(t) for t in texts)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        pretokenization_delimiter=WORD_BOUNDARY if chinese_words else "",
         character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
         add_dummy_prefix=False, remove_extra_whitespaces=False, split_digits=True,
         allow_whitespace_only_pieces=True, user_defined_symbols=list(user_symbols),

@@ -76,6 +76,18 @@ def tokenizers(data: ml_collections.ConfigDict, root: str):
     return load_tokenizers(directory)
 
 
+def check_vocabularies(tok, qtok, cfg: ModelConfig) -> None:
+    """Token ids past a model's embedding table raise no error under jit (JAX clips or fills out-of-range
+    indices), so tokenizers left in a workdir by an older config would train garbage silently."""
+    pairs = [("LLM", tok.vocab_size, "llm", cfg.llm.vocab_size)]
+    if qtok is not None and cfg.qformer.text_branch:
+        pairs.append(("Q-Former", qtok.vocab_size, "qformer", cfg.qformer.vocab_size))
+    for name, have, section, rows in pairs:
+        if have > rows:
+            raise ValueError(f"the {name} tokenizer has {have} ids but model.{section}.vocab_size is {rows}: "
+                             "use the tokenizers this model was configured for")
+
+
 def sources(data: ml_collections.ConfigDict, image_size: int) -> list[pipeline.Source]:
     """data.sources: {kind: synthetic, split, n[, seed]} (rendered on the fly) or {kind: tfds, name, split,
     data_dir}, each with a task and a mixture weight."""
@@ -148,6 +160,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
     cfg = ModelConfig.from_dict(config.model.to_dict())
     train = config.train
     tok, qtok = tokenizers(config.data, root)
+    check_vocabularies(tok, qtok, cfg)
     stage1 = set(train.losses) <= {"itc", "itm", "itg"}
     train_dict = train.to_dict()
     if stage1 and "itg" in train.losses:
