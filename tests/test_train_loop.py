@@ -211,8 +211,10 @@ def test_demo_stages_run_itg_alone_before_the_joint_stage_1():
     for name in ("stage1b", "stage2", "stage3"):  # after stage 1a, the Q-Former learns at a tenth of the rate
         assert dict(config.stages[name].train.optimizer.lr_multipliers) == {"qformer": 0.1, "query_tokens": 0.1}
     assert not config.stages.stage1a.train.optimizer.lr_multipliers
-    chat2, base2 = load_config(f"{demo}:stage=2").train.trainable, load_config(f"{demo}:stage=2,variant=base").train.trainable
-    assert matches(("qformer", "layer"), chat2) and not matches(("qformer", "layer"), base2)  # Chat's is instruction-aware
+    chat2 = load_config(f"{demo}:stage=2").train.trainable
+    base2 = load_config(f"{demo}:stage=2,variant=base").train.trainable
+    assert matches(("qformer", "layer"), chat2)  # Chat's Q-Former reads the instruction: it trains in stage 2
+    assert not matches(("qformer", "layer"), base2)
 
 
 def test_tokenizers_larger_than_the_model_vocabulary_are_refused(tmp_path):

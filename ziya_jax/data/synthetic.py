@@ -205,8 +205,9 @@ def train_demo_tokenizers(out_dir: str, llm_vocab_size: int = 640, qformer_vocab
                           num_scenes: int = 400, seed: int = 0) -> tuple[str, str]:
     """Trains the demo's LLM and Q-Former sentencepiece models on `corpus` (deterministic, about a second)
     -> paths of `llm.model` and `qformer.model` in out_dir. No piece crosses a Chinese word boundary, so
-    "红色正方形在哪里" is 红色/正方形/在/哪里, as "Where is the red square" is five words. The LLM model has `<human>`/`<bot>` as
-    single pieces and ids 0 unk, 1 bos, 2 eos; the Q-Former model has a pad id and [CLS]/[SEP]/[DEC].
+    "红色正方形在哪里" is 红色/正方形/在/哪里, as "Where is the red square" is five words. The LLM model has
+    `<human>`/`<bot>` as single pieces and ids 0 unk, 1 bos, 2 eos; the Q-Former model has a pad id and
+    [CLS]/[SEP]/[DEC].
     Neither ever produces id `vocab_size`, so a model with one more vocabulary entry can use it as
     `image_token_id`."""
     texts = corpus(num_scenes, seed)
