@@ -8,6 +8,7 @@ concatenating encodings of pieces of a text decodes to the whole text.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -19,7 +20,8 @@ import sentencepiece as spm
 
 ZIYA_ROLE_TOKENS = ("<human>", "<bot>")
 WORD_BOUNDARY = "\x1f"  # the ASCII unit separator: marks Chinese word boundaries in training text, never in real text
-_CJK = re.compile(r"[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef]")
+# Ideographs plus CJK and full-width punctuation (formats' language test needs ideographs only).
+_CJK_OR_FULLWIDTH = re.compile(r"[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef]")
 QFORMER_SPECIALS = ("[CLS]", "[SEP]", "[DEC]")
 
 
@@ -186,16 +188,23 @@ class _BertBackend:
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
-def mark_chinese_words(text: str) -> str:
-    """`text` with WORD_BOUNDARY between jieba's words (dictionary only, no HMM) wherever a boundary touches a
-    Chinese character or full-width punctuation; English keeps sentencepiece's own whitespace rule."""
+@functools.lru_cache(maxsize=1)
+def jieba_segmenter():
+    """jieba, quiet and with its dictionary loaded once (for training tokenizers and for caption metrics)."""
     import jieba
 
     jieba.setLogLevel(logging.WARNING)
-    words = jieba.lcut(text, HMM=False)
+    jieba.initialize()
+    return jieba
+
+
+def mark_chinese_words(text: str) -> str:
+    """`text` with WORD_BOUNDARY between jieba's words (dictionary only, no HMM) wherever a boundary touches a
+    Chinese character or full-width punctuation; English keeps sentencepiece's own whitespace rule."""
+    words = jieba_segmenter().lcut(text, HMM=False)
     marked = words[:1]
     for left, right in zip(words, words[1:]):
-        if _CJK.match(left[-1]) or _CJK.match(right[0]):
+        if _CJK_OR_FULLWIDTH.match(left[-1]) or _CJK_OR_FULLWIDTH.match(right[0]):
             marked.append(WORD_BOUNDARY)
         marked.append(right)
     return "".join(marked)

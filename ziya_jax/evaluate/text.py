@@ -15,11 +15,11 @@ Latin letters lower-cased. `CONVENTIONS` states both, and is written beside ever
 """
 from __future__ import annotations
 
-import functools
-import logging
 import re
 import shutil
 import unicodedata
+
+from ziya_jax.data.tokenizers import jieba_segmenter
 
 # The tokens pycocoevalcap removes after PTB tokenisation.
 PTB_DROPPED = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-",
@@ -109,18 +109,9 @@ def ptb_tokenize_java(texts: list[str]) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def _jieba():
-    import jieba
-
-    jieba.setLogLevel(logging.WARNING)
-    jieba.initialize()
-    return jieba
-
-
 def jieba_tokenize(text: str) -> str:
     """Chinese (or mixed) text -> space-joined jieba words, punctuation and whitespace dropped."""
-    words = _jieba().lcut(text.lower(), cut_all=False, HMM=True)
+    words = jieba_segmenter().lcut(text.lower(), cut_all=False, HMM=True)
     return " ".join(w for w in (w.strip() for w in words) if w and not all(_is_punct(c) for c in w))
 
 
