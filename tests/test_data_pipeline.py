@@ -57,17 +57,32 @@ def synth(n=64, split="train"):
     return synthetic.SyntheticSource(split, n, image_size=28)
 
 
+def tiny_model(toks):
+    """configs/tiny.py's Chat model with these tokenizers' vocabularies and Q query tokens."""
+    from ziya_jax.config import ModelConfig, load_config
+
+    tok, qtok = toks
+    model = load_config("configs/tiny.py:variant=chat").model.to_dict()
+    model["llm"] = dict(model["llm"], vocab_size=tok.vocab_size + 1)
+    model["qformer"] = dict(model["qformer"], vocab_size=qtok.vocab_size)
+    return ModelConfig.from_dict(dict(model, image_token_id=tok.vocab_size, num_query_tokens=Q))
+
+
+def two_images():
+    """One record whose conversation shows two images."""
+    return [{"id": "two", "images": list(synth(2)[0]["images"]) + list(synth(2)[1]["images"]),
+             "annotation": {"conversations": [{"from": "human", "value": "<image> vs <image>?"},
+                                              {"from": "gpt", "value": "same"}]}}]
+
+
 def test_batch_contract_and_model_forward(toks):
     import jax
 
-    from ziya_jax.config import ModelConfig, load_config
     from ziya_jax.model import ZiyaVisual, init_params
 
     tok, qtok = toks
     sources = [Source(synth(), task) for task in ("caption", "vqa", "grounding", "conversation")]
-    sources.append(Source([{"id": "two", "images": list(synth(2)[0]["images"]) + list(synth(2)[1]["images"]),
-                            "annotation": {"conversations": [{"from": "human", "value": "<image> vs <image>?"},
-                                                             {"from": "gpt", "value": "same"}]}}], "conversation"))
+    sources.append(Source(two_images(), "conversation"))
     (batch,), _ = batches(sources, toks, n=1, batch_size=5, shuffle=False)
     shapes = {k: (v.shape, v.dtype) for k, v in batch.items()}
     assert shapes == {"input_ids": ((5, 96), np.int32), "attention_mask": ((5, 96), np.int32),
@@ -79,10 +94,7 @@ def test_batch_contract_and_model_forward(toks):
     assert (batch["pixel_values"][batch["image_mask"] == 0] == 0).all()
     assert (batch["qformer_ids"][:, 0] == qtok.cls_id).all()
 
-    model = load_config("configs/tiny.py:variant=chat").model.to_dict()
-    model["llm"] = dict(model["llm"], vocab_size=tok.vocab_size + 1)
-    model["qformer"] = dict(model["qformer"], vocab_size=qtok.vocab_size)
-    cfg = ModelConfig.from_dict(dict(model, image_token_id=tok.vocab_size, num_query_tokens=Q))
+    cfg = tiny_model(toks)
     params = init_params(cfg, jax.random.key(0))
     keys = ("input_ids", "attention_mask", "pixel_values", "qformer_ids", "qformer_mask")
     logits = jax.jit(lambda p, b: ZiyaVisual(cfg).apply({"params": p}, *(b[k] for k in keys)))(params, batch)
@@ -90,6 +102,86 @@ def test_batch_contract_and_model_forward(toks):
 
     base, _ = batches(sources[:1], toks, n=1, qformer_text_len=0)
     assert "qformer_ids" not in base[0]
+
+
+def segments(batch):
+    """(row, start, length) of each packed example, in row order."""
+    out = []
+    for r, seg in enumerate(batch["segment_ids"]):
+        for k in range(1, seg.max() + 1):
+            where = np.flatnonzero(seg == k)
+            assert len(where) and (np.diff(where) == 1).all()  # contiguous, numbered in order
+            out.append((r, int(where[0]), len(where)))
+    return out
+
+
+def test_packed_rows_hold_the_same_examples_and_give_the_same_logits(toks):
+    import jax
+
+    import ml_collections
+
+    from ziya_jax.model import ZiyaVisual, init_params
+    from ziya_jax.train.losses import lm_loss
+    from ziya_jax.train.sharded import batch_shapes
+
+    sources = [Source(synth(), task) for task in ("caption", "vqa", "grounding", "conversation")]
+    sources += [Source(two_images(), "conversation"), Source(text_records(8), "vqa")]
+    packed, it = batches(sources, toks, n=3, pack=True, batch_size=3, max_images=3, shuffle=False)
+    plain, _ = batches(sources, toks, n=40, batch_size=1, shuffle=False)
+    n, t = 3, 96
+    used = 0
+    cfg = tiny_model(toks)
+    params = init_params(cfg, jax.random.key(0))
+    keys = ("input_ids", "attention_mask", "pixel_values", "qformer_ids", "qformer_mask", "positions")
+    forward = jax.jit(lambda p, b, seg: ZiyaVisual(cfg).apply({"params": p}, *(b.get(k) for k in keys),
+                                                              segment_ids=seg))
+    data = ml_collections.ConfigDict(dict(batch_size=n, text_len=t, max_images=3, qformer_text_len=24, pack=True))
+    for batch in packed:
+        assert batch_shapes(data, cfg, stage1=False) == {k: (v.shape, v.dtype) for k, v in batch.items()}
+        assert batch["qformer_ids"].shape == (n, 3, 24)
+        logits = np.asarray(forward(params, batch, batch["segment_ids"]))
+        mine = segments(batch)
+        # First fit in stream order: the batch holds the next len(mine) examples, each whole, in some rows.
+        expected = plain[used:used + len(mine)]
+        used += len(mine)
+        assert sorted(b["input_ids"][0].tobytes() for b in expected) == sorted(
+            np.pad(batch["input_ids"][r, a:a + m], (0, t - m), constant_values=toks[0].pad_id).tobytes()
+            for r, a, m in mine)
+        slot = collections.Counter()
+        for r, a, m in mine:
+            ex = next(b for b in expected if b["input_ids"][0, :m].tobytes() == batch["input_ids"][r, a:a + m].tobytes()
+                      and b["attention_mask"][0].sum() == m)
+            np.testing.assert_array_equal(batch["positions"][r, a:a + m], np.arange(m))
+            np.testing.assert_array_equal(batch["loss_mask"][r, a:a + m], ex["loss_mask"][0, :m])
+            k = int(ex["image_mask"].sum())
+            np.testing.assert_array_equal(batch["pixel_values"][r, slot[r]:slot[r] + k], ex["pixel_values"][0, :k])
+            assert (batch["qformer_ids"][r, slot[r]:slot[r] + k] == ex["qformer_ids"][0]).all()
+            slot[r] += k
+            alone = np.asarray(forward(params, ex, None))
+            np.testing.assert_allclose(logits[r, a:a + m], alone[0, :m], atol=2e-5, rtol=1e-4)
+        for r in range(n):
+            assert batch["attention_mask"][r].sum() == sum(m for rr, _, m in mine if rr == r) <= t
+            assert batch["image_mask"][r].sum() == slot[r] <= 3
+            assert (batch["segment_ids"][r] > 0).sum() == batch["attention_mask"][r].sum()
+        # The loss is the token mean over the same answer tokens as unpacked.
+        loss = lm_loss(logits, batch["input_ids"], batch["loss_mask"])
+        nll = [float(lm_loss(np.asarray(forward(params, ex, None)), ex["input_ids"], ex["loss_mask"]))
+               * ex["loss_mask"][0, 1:].sum() for ex in expected]
+        np.testing.assert_allclose(loss, sum(nll) / sum(ex["loss_mask"][0, 1:].sum() for ex in expected), rtol=1e-4)
+    assert used > 3 * n  # rows hold several examples
+
+
+def test_packed_iterator_restores_to_exactly_the_next_batches(toks):
+    bad = text_records(30, "bad", answer=lambda i: "" if i % 3 == 0 else str(i))
+    sources = [Source(synth(), "caption"), Source(synth(), "vqa", 2.0), Source(bad, "vqa")]
+    kw = dict(pack=True, batch_size=2, max_images=2)
+    _, it = batches(sources, toks, n=3, **kw)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(4)]
+    resumed = iter(pipeline.instruction_batches(sources, config(toks, **kw), *toks, 0, 1))
+    resumed.set_state(state)
+    assert_same([next(resumed) for _ in range(4)], expected)
+    assert resumed.skipped == it.skipped and it.skipped[errors.EMPTY_TEXT] > 0
 
 
 def test_restored_iterator_continues_with_exactly_the_next_batches(toks):

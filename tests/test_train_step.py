@@ -81,6 +81,22 @@ def test_empty_trainable_set_is_an_error():
                    make_optimizer(OPT), jax.random.key(1))
 
 
+def assert_sharded_step_matches_single_device(cfg, stage, batch, losses):
+    params = init_params(cfg, jax.random.key(0))
+    _, single, m1 = run_steps(cfg, stage, batch, n=1, params=params)
+    mesh = make_mesh((2, 2, 2))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        sharded_params = jax.device_put(params, param_shardings(cfg, mesh))
+        sharded_batch = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+        _, multi, m8 = run_steps(cfg, stage, sharded_batch, n=1, params=sharded_params)
+    assert multi.trainable["qformer"]["layer"]["layer_0"]["attention"]["attention"]["query"]["kernel"].sharding \
+        .spec[1] == "fsdp"
+    for k in ("loss", *losses):
+        np.testing.assert_allclose(float(m8[k]), float(m1[k]), rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(multi.trainable), jax.tree_util.tree_leaves(single.trainable)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
 def test_sharded_step_matches_single_device_with_itc_over_the_global_batch():
     cfg = tiny("variant=base,stage=1")
     stage = Stage(trainable=("qformer", "query_tokens", "vision_proj", "text_proj", "itm_head", "temp"),
@@ -89,20 +105,22 @@ def test_sharded_step_matches_single_device_with_itc_over_the_global_batch():
     batch = {"pixel_values": jnp.asarray(rng.normal(size=(8, 28, 28, 3)), jnp.float32),
              "text_ids": jnp.asarray(rng.integers(3, 90, (8, 6)), jnp.int32),
              "text_mask": jnp.asarray(np.ones((8, 6), np.int32))}
-    params = init_params(cfg, jax.random.key(0))
-    _, single, m1 = run_steps(cfg, stage, batch, n=1, params=params)
+    assert_sharded_step_matches_single_device(cfg, stage, batch, ("itc",))
 
-    mesh = make_mesh((2, 2, 2))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
-        sharded_params = jax.device_put(params, param_shardings(cfg, mesh))
-        sharded_batch = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
-        _, multi, m8 = run_steps(cfg, stage, sharded_batch, n=1, params=sharded_params)
-    assert multi.trainable["qformer"]["layer"]["layer_0"]["attention"]["attention"]["query"]["kernel"].sharding \
-        .spec[1] == "fsdp"
-    for k in ("loss", "itc"):
-        np.testing.assert_allclose(float(m8[k]), float(m1[k]), rtol=1e-5)
-    for a, b in zip(jax.tree_util.tree_leaves(multi.trainable), jax.tree_util.tree_leaves(single.trainable)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+def test_sharded_step_on_packed_rows_matches_single_device():
+    cfg = tiny("variant=chat,stage=2")
+    stage = Stage(trainable=("language_model", "language_projection", "qformer", "query_tokens"),
+                  loss_weights=(("lm", 1.0),))
+    one = {k: np.asarray(v) for k, v in instruction_batch(cfg, batch=16).items()}
+    pair = lambda x: x.reshape(8, 2, *x.shape[1:])  # rows 2i and 2i+1 share a packed row
+    n = one["input_ids"].shape[1]
+    batch = {k: pair(one[k]).reshape(8, 2 * n) for k in ("input_ids", "attention_mask", "loss_mask")}
+    batch.update(segment_ids=np.repeat(np.array([[1, 2]], np.int32), n, axis=1).repeat(8, 0),
+                 positions=np.tile(np.arange(n, dtype=np.int32), (8, 2)),
+                 pixel_values=pair(one["pixel_values"])[:, :, 0], image_mask=np.ones((8, 2), np.int32),
+                 qformer_ids=pair(one["qformer_ids"]), qformer_mask=pair(one["qformer_mask"]))
+    assert_sharded_step_matches_single_device(cfg, stage, {k: jnp.asarray(v) for k, v in batch.items()}, ("lm",))
 
 
 def test_weight_decay_skips_biases_norms_and_temperature():

@@ -18,6 +18,12 @@ Instruction batches (stages 2-3), all rows of fixed shape:
   pixel_values [B, N, S, S, 3] float32  CLIP-normalised; unused slots are 0
   image_mask [B, N] int32       1 on used image slots (the i-th used slot fills the i-th placeholder run)
   qformer_ids, qformer_mask [B, Tq] int32  (when qformer_text_len > 0) the instruction, left-truncated
+Packed instruction batches (`pack=True`): each row holds as many whole examples, in order, as fit in its T tokens
+and N image slots (first fit over the batch's rows; a batch ends at the first example that fits in none of them,
+which then starts the next batch). Besides the keys above:
+  segment_ids [B, T] int32      k on the k-th example's tokens (from 1), 0 on padding
+  positions [B, T] int32        each token's position within its own example
+  qformer_ids, qformer_mask [B, N, Tq] int32  the instruction of the example that owns each image slot
 Pair batches (stage 1):
   pixel_values [B, S, S, 3] float32; text_ids, text_mask [B, Tq] int32 ([CLS] caption [SEP]);
   itg_ids [B, Tq] int32 (text_ids with [CLS] replaced by [DEC], the ITG decoder input)
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -71,6 +78,7 @@ class DataConfig:
     augment: bool = False
     crop_scale: tuple[float, float] = (0.5, 1.0)
     max_pixels: int = images.DEFAULT_MAX_PIXELS
+    pack: bool = False               # several examples per instruction row (text_len tokens, max_images slots)
     strict: bool = False             # raise on the first bad sample instead of skipping and counting it
     num_workers: int = 0             # worker processes for sample preparation (grain mp_prefetch)
     worker_buffer_size: int = 16
@@ -159,7 +167,9 @@ def instruction_batches(sources: Sequence[Source], cfg: DataConfig, tokenizer, q
     if cfg.qformer_text_len and qformer_tokenizer is None:
         raise ValueError("DataConfig.qformer_text_len > 0 (Chat) needs a qformer_tokenizer")
     prepare = _PrepareInstruction(cfg, tokenizer, qformer_tokenizer if cfg.qformer_text_len else None)
-    return _finish(mixture(sources, cfg, process_index, process_count), prepare, cfg)
+    return _finish(mixture(sources, cfg, process_index, process_count), prepare, cfg,
+                   functools.partial(Packer, cfg.batch_size, cfg.text_len, cfg.max_images, tokenizer.pad_id)
+                   if cfg.pack else None)
 
 
 def pair_batches(sources: Sequence[Source], cfg: DataConfig, qformer_tokenizer,
@@ -171,13 +181,16 @@ def pair_batches(sources: Sequence[Source], cfg: DataConfig, qformer_tokenizer,
         raise ValueError(f"pair sources must have task 'caption' or 'auto', got {bad}")
     if not cfg.qformer_text_len:
         raise ValueError("pair batches need DataConfig.qformer_text_len (BLIP-2 uses 32)")
+    if cfg.pack:
+        raise ValueError("DataConfig.pack is for instruction rows; image-caption pairs are not packed")
     return _finish(mixture(sources, cfg, process_index, process_count), _PreparePair(cfg, qformer_tokenizer), cfg)
 
 
-def _finish(ds: grain.MapDataset, prepare, cfg: DataConfig) -> grain.IterDataset:
+def _finish(ds: grain.MapDataset, prepare, cfg: DataConfig, new_batch=None) -> grain.IterDataset:
     ds = ds.random_map(prepare, seed=cfg.seed)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=2 * cfg.batch_size))
-    it = SkipAndBatch(it, cfg.batch_size, cfg.strict, cfg.max_consecutive_skips)
+    it = SkipAndBatch(it, new_batch or functools.partial(Stack, cfg.batch_size), cfg.strict,
+                      cfg.max_consecutive_skips)
     if cfg.num_workers:
         from absl import flags
 
@@ -314,18 +327,92 @@ class _PreparePair(_Prepare):
         return {"pixel_values": pixels, "text_ids": q["ids"], "text_mask": q["mask"], "itg_ids": itg}
 
 
+class Stack:
+    """One batch being filled: `batch_size` rows as they come."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size, self.rows = batch_size, []
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) == self.batch_size
+
+    def add(self, row: dict) -> bool:
+        self.rows.append(row)
+        return True
+
+    def batch(self) -> dict[str, np.ndarray]:
+        return {k: np.stack([r[k] for r in self.rows]) for k in self.rows[0]}
+
+
+class Packer:
+    """One packed batch being filled: each prepared instruction row goes, whole and in order, into the first of
+    `batch_size` rows with room for its tokens and images (the format is in the module docstring)."""
+
+    def __init__(self, batch_size: int, text_len: int, max_images: int, pad_id: int):
+        self.text_len, self.max_images, self.pad_id = text_len, max_images, pad_id
+        self.rows = [[] for _ in range(batch_size)]
+        self.room = [(text_len, max_images)] * batch_size
+
+    @property
+    def full(self) -> bool:
+        return all(tokens == 0 for tokens, _ in self.room)
+
+    def add(self, example: dict) -> bool:
+        """Places the example; False (and nothing placed) when it fits in no row."""
+        need = int(example["attention_mask"].sum()), int(example["image_mask"].sum())
+        for i, (tokens, images) in enumerate(self.room):
+            if need[0] <= tokens and need[1] <= images:
+                self.rows[i].append(example)
+                self.room[i] = (tokens - need[0], images - need[1])
+                return True
+        return False
+
+    def batch(self) -> dict[str, np.ndarray]:
+        rows = [self._row(examples) for examples in self.rows]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def _row(self, examples: list[dict]) -> dict[str, np.ndarray]:
+        text = {k: [] for k in ("input_ids", "attention_mask", "loss_mask", "segment_ids", "positions")}
+        images = {k: [] for k in ("pixel_values", "image_mask", "qformer_ids", "qformer_mask") if k in examples[0]}
+        for segment, ex in enumerate(examples, 1):
+            length, used = int(ex["attention_mask"].sum()), int(ex["image_mask"].sum())
+            for k in ("input_ids", "attention_mask", "loss_mask"):
+                text[k].append(ex[k][:length])
+            text["segment_ids"].append(np.full(length, segment, np.int32))
+            text["positions"].append(np.arange(length, dtype=np.int32))
+            images["pixel_values"].append(ex["pixel_values"][:used])
+            images["image_mask"].append(ex["image_mask"][:used])
+            for k in ("qformer_ids", "qformer_mask"):
+                if k in images:
+                    images[k].append(np.repeat(ex[k][None], used, axis=0))
+        row = {}
+        for k, parts in text.items():
+            row[k] = np.full(self.text_len, self.pad_id if k == "input_ids" else 0, np.int32)
+            flat = np.concatenate(parts)
+            row[k][:len(flat)] = flat
+        for k, parts in images.items():
+            flat = np.concatenate(parts)
+            row[k] = np.zeros((self.max_images, *flat.shape[1:]), flat.dtype)
+            row[k][:len(flat)] = flat
+        return row
+
+
 class SkipAndBatch(grain.IterDataset):
-    """Stacks `batch_size` good rows, passing on how many samples of each reason it dropped on the way:
+    """Fills one batch at a time (`new_batch()`: a Stack, or a Packer for packed rows) with good rows, passing
+    on how many samples of each reason it dropped on the way:
     -> {"batch": {...} | None, "skipped": {reason: n}, "error": None | (kind, message)}; the batch is None
     after an error, or at the end of a finite input when the last rows were dropped. It runs where the
     rows are prepared (in each worker process, when there are workers), so only whole batches cross
     process boundaries; `CountSkips` then totals the counts in the main process. A last partial batch is
-    dropped, because every batch must have the same static shape."""
+    dropped, because every batch must have the same static shape. A row that no longer fits a packed batch
+    starts the next one; until then the iterator's state is the input's state from before that row, so a
+    restore reads it again."""
 
-    def __init__(self, parent: grain.IterDataset, batch_size: int, strict: bool = False,
+    def __init__(self, parent: grain.IterDataset, new_batch, strict: bool = False,
                  max_consecutive_skips: int = 1000):
         super().__init__(parent)
-        self.batch_size, self.strict, self.max_consecutive_skips = batch_size, strict, max_consecutive_skips
+        self.new_batch, self.strict, self.max_consecutive_skips = new_batch, strict, max_consecutive_skips
 
     def __iter__(self) -> "_SkipAndBatchIterator":
         return _SkipAndBatchIterator(self._parent.__iter__(), self)
@@ -335,10 +422,15 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, spec: SkipAndBatch):
         super().__init__(parent)
         self.spec = spec
+        self.held, self.held_state = None, None  # the row that did not fit the last batch, and the state before it
 
     def __next__(self) -> dict[str, Any]:
-        rows, skipped, run = [], collections.Counter(), 0
-        while len(rows) < self.spec.batch_size:
+        batch, skipped, run = self.spec.new_batch(), collections.Counter(), 0
+        if self.held is not None:
+            batch.add(self.held)
+            self.held = self.held_state = None
+        while not batch.full:
+            state = self._parent.get_state() if isinstance(batch, Packer) else None
             try:
                 row = next(self._parent)
             except StopIteration:  # the end of a finite epoch: report the skips of the dropped last rows
@@ -346,8 +438,10 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
                     return {"batch": None, "skipped": dict(skipped), "error": None}
                 raise
             if "skipped" not in row:
-                rows.append(row)
                 run = 0
+                if not batch.add(row):
+                    self.held, self.held_state = row, state
+                    break
                 continue
             skipped[row["skipped"]] += 1
             run += 1
@@ -358,14 +452,14 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
             if run >= self.spec.max_consecutive_skips:
                 return {"batch": None, "skipped": dict(skipped),
                         "error": ("stuck", f"{run} bad samples in a row (last: {message})")}
-        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-        return {"batch": batch, "skipped": dict(skipped), "error": None}
+        return {"batch": batch.batch(), "skipped": dict(skipped), "error": None}
 
     def get_state(self) -> dict[str, Any]:
-        return self._parent.get_state()
+        return self._parent.get_state() if self.held is None else self.held_state
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state)
+        self.held = self.held_state = None
 
 
 class CountSkips(grain.IterDataset):

@@ -1,7 +1,8 @@
 """LLaMA decoder: RMSNorm, RoPE (rotate_half), grouped-query attention, SwiGLU, scanned layers, KV cache.
 
 Causality is over cache slots, padding over a key mask and RoPE over per-row positions, so the same code runs a
-full forward (slot = position in the sequence), left-padded batches, and cached decoding one token at a time.
+full forward (slot = position in the sequence), left-padded batches, packed rows (several examples per row,
+kept apart by segment ids) and cached decoding one token at a time.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class LlamaAttention(nn.Module):
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x, positions, key_mask, cache, cache_index, deterministic):
+    def __call__(self, x, positions, mask, cache, cache_index, deterministic):
         cfg = self.cfg
         b, t, _ = x.shape
         dense = lambda n, name, axes: Dense(n, axes, use_bias=False, lora=self.lora, dtype=self.dtype,
@@ -31,14 +32,11 @@ class LlamaAttention(nn.Module):
         q = rotary(q.reshape(b, t, cfg.num_heads, cfg.head_dim), positions, cfg.rope_theta)
         k = rotary(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        start = 0 if cache is None else cache_index
         if cache is not None:  # [B, kv_heads, S, head_dim]: the score dot reads K without a transpose
-            write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.swapaxes(1, 2).astype(c.dtype), start, 2)
+            write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.swapaxes(1, 2).astype(c.dtype),
+                                                                     cache_index, 2)
             cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
             k, v = cache["k"].swapaxes(1, 2), cache["v"].swapaxes(1, 2)
-        query_slot = start + jnp.arange(t)
-        causal = query_slot[:, None] >= jnp.arange(k.shape[1])[None, :]
-        mask = causal[None] & key_mask[:, None, :].astype(bool)
         out = attention(q, k.astype(self.dtype), v.astype(self.dtype), mask)
         out = dense(cfg.width, "o_proj", ("heads", "embed"))(out.reshape(b, t, -1), deterministic)
         return out, cache
@@ -66,11 +64,11 @@ class LlamaLayer(nn.Module):
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x, cache, positions, key_mask, cache_index, deterministic):
+    def __call__(self, x, cache, positions, mask, cache_index, deterministic):
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
         norm = lambda name: RMSNorm(self.cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
         h, cache = LlamaAttention(self.cfg, self.lora, self.dtype, self.param_dtype, name="self_attn")(
-            norm("input_layernorm")(x), positions, key_mask, cache, cache_index, deterministic)
+            norm("input_layernorm")(x), positions, mask, cache, cache_index, deterministic)
         x = x + h
         x = x + LlamaMLP(self.cfg, self.lora, self.dtype, self.param_dtype, name="mlp")(
             norm("post_attention_layernorm")(x), deterministic)
@@ -111,26 +109,41 @@ class Llama(nn.Module):
         return self.embed_tokens(input_ids)
 
     def __call__(self, embeds, positions, key_mask, cache=None, cache_index=None, deterministic=True,
-                 last_only=False):
+                 last_only=False, segment_ids=None):
         """embeds [B, T, W]; positions [B, T]; key_mask [B, S] (S = T, or the cache length when decoding);
         cache {'k','v': [layers, B, kv_heads, S, head_dim]} (unrolled: a list of {'k','v': [B, kv_heads, S, ...]})
-        written at slot cache_index. -> (logits f32 [B, T, vocab], or [B, 1, vocab] with last_only, all a prefill
-        needs, cache)."""
+        written at slot cache_index; segment_ids [B, T] (packed rows, full forward only): tokens attend only within
+        their own segment. -> (logits f32 [B, T, vocab], or [B, 1, vocab] with last_only, all a prefill needs,
+        cache)."""
         x = embeds.astype(self.dtype)
+        cache_index = 0 if cache is None else cache_index
+        mask = attention_mask(key_mask, x.shape[1], cache_index, segment_ids)
         if self.unrolled:
             caches = []
             for layer, c in zip(self.layers, cache or [None] * self.cfg.depth):
-                x, c = layer(x, c, positions, key_mask, cache_index, deterministic)
+                x, c = layer(x, c, positions, mask, cache_index, deterministic)
                 caches.append(c)
             cache = None if cache is None else caches
         else:
-            x, cache = self.layers(x, cache, positions, key_mask, cache_index, deterministic)
+            x, cache = self.layers(x, cache, positions, mask, cache_index, deterministic)
         x = self.norm(x[:, -1:] if last_only else x)
         if self.cfg.tie_word_embeddings:
             logits = self.embed_tokens.attend(x)
         else:
             logits = self.lm_head(x, deterministic)
         return logits.astype(jnp.float32), cache
+
+
+def attention_mask(key_mask, length: int, first_slot=0, segment_ids=None):
+    """bool [B, T, S], made once for all layers: the query at cache slot first_slot + i (i < length) sees the keys
+    at slots up to its own that key_mask [B, S] marks valid and, given segment_ids [B, T] (a full forward, S = T),
+    only those of its own segment."""
+    query_slot = first_slot + jnp.arange(length)
+    causal = query_slot[:, None] >= jnp.arange(key_mask.shape[1])[None, :]
+    mask = causal[None] & key_mask[:, None, :].astype(bool)
+    if segment_ids is not None:
+        mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    return mask
 
 
 def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=jnp.float32, unrolled: bool = False):

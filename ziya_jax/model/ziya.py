@@ -3,7 +3,9 @@
 Images enter the LLM where their placeholders are: the text holds `num_query_tokens` copies of
 `image_token_id` per image, and the i-th run of placeholders in a row receives that row's i-th image (as
 transformers' Blip2/InstructBlip do with masked_scatter). Base feeds the Q-Former the learned queries alone;
-Chat also feeds it the instruction text, and only the query outputs go on to the projection.
+Chat also feeds it the instruction text, and only the query outputs go on to the projection. Packed training rows
+(several examples per row) give each image its own example's instruction, and segment ids and per-example
+positions keep the examples apart in the LLM.
 """
 from __future__ import annotations
 
@@ -53,15 +55,17 @@ class ZiyaVisual(nn.Module):
 
     def encode_images(self, pixel_values, qformer_ids=None, qformer_mask=None, deterministic: bool = True):
         """pixel_values [B, N, H, W, 3] (normalised) -> LLM-ready image embeddings [B, N * Q, llm width].
-        For Chat, qformer_ids/qformer_mask [B, T] is each row's instruction, shared by the row's images."""
+        For Chat, qformer_ids/qformer_mask is the instruction: [B, T], one per row for all its images, or
+        [B, N, T], one per image (packed rows)."""
         b, n = pixel_values.shape[:2]
         image_embeds = self.vision_model(pixel_values.reshape(b * n, *pixel_values.shape[2:]), deterministic)
         queries = jnp.broadcast_to(self.query_tokens, (b * n, *self.query_tokens.shape[1:]))
         if self.cfg.variant == "chat":
             if qformer_ids is None:
                 raise ValueError("the Chat variant needs qformer_ids (the instruction in Q-Former tokens)")
-            qformer_ids = jnp.repeat(qformer_ids, n, axis=0)
-            qformer_mask = None if qformer_mask is None else jnp.repeat(qformer_mask, n, axis=0)
+            per_image = lambda x: x.reshape(b * n, -1) if x.ndim == 3 else jnp.repeat(x, n, axis=0)
+            qformer_ids = per_image(qformer_ids)
+            qformer_mask = None if qformer_mask is None else per_image(qformer_mask)
         else:
             qformer_ids = qformer_mask = None
         hidden = self.qformer(queries, qformer_ids, qformer_mask, image_embeds, "bidirectional", deterministic)
@@ -79,20 +83,23 @@ class ZiyaVisual(nn.Module):
         return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
 
     def language(self, embeds, positions, key_mask, cache=None, cache_index=None, deterministic: bool = True,
-                 last_only: bool = False):
+                 last_only: bool = False, segment_ids=None):
         """The LLM alone on embeddings (prefill and cached decode steps)."""
-        return self.language_model(embeds, positions, key_mask, cache, cache_index, deterministic, last_only)
+        return self.language_model(embeds, positions, key_mask, cache, cache_index, deterministic, last_only,
+                                   segment_ids)
 
     def __call__(self, input_ids, attention_mask, pixel_values=None, qformer_ids=None, qformer_mask=None,
-                 positions=None, deterministic: bool = True):
-        """Full forward -> logits [B, T, vocab] (float32)."""
+                 positions=None, deterministic: bool = True, segment_ids=None):
+        """Full forward -> logits [B, T, vocab] (float32). Packed rows pass segment_ids [B, T] (0 on padding,
+        k on the k-th example's tokens) and positions counted from 0 in each example."""
         features = None
         if pixel_values is not None:
             features = self.encode_images(pixel_values, qformer_ids, qformer_mask, deterministic)
         embeds = self.embed_inputs(input_ids, features)
         if positions is None:
             positions = default_positions(attention_mask)
-        logits, _ = self.language(embeds, positions, attention_mask, deterministic=deterministic)
+        logits, _ = self.language(embeds, positions, attention_mask, deterministic=deterministic,
+                                  segment_ids=segment_ids)
         return logits
 
     def initialize(self, input_ids, pixel_values, qformer_ids):

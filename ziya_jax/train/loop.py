@@ -145,6 +145,13 @@ def _host_metrics(metrics) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+def _count_examples(batch: dict) -> int:
+    """Rows, or in packed rows the examples (segments) they hold."""
+    if "segment_ids" in batch:
+        return int(np.sum(np.max(batch["segment_ids"], axis=1)))
+    return len(next(iter(batch.values())))
+
+
 def _count_tokens(batch: dict) -> int:
     return int(np.sum(batch["attention_mask"] if "attention_mask" in batch else batch["text_mask"]))
 
@@ -209,8 +216,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
                         f"step {step}: loss {metrics['loss']}, grad norm {metrics['grad_norm']}; stopping. The last "
                         f"good checkpoint (step {checkpoints.manager.latest_step()}) in {workdir} is untouched: "
                         "lower the learning rate or check the data, then rerun to resume from it")
-                n = len(next(iter(host_batch.values())))
-                metrics.update(examples_per_s=n * jax.process_count() / seconds,
+                metrics.update(examples_per_s=_count_examples(host_batch) * jax.process_count() / seconds,
                                tokens_per_s=_count_tokens(host_batch) * jax.process_count() / seconds,
                                mfu=flops / seconds / peak if peak else 0.0,
                                skipped=float(sum(data_iter.skipped.values())))

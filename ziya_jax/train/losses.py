@@ -100,10 +100,12 @@ def stage1_losses(params, cfg, batch, rng, dec_token_id: int, names=("itc", "itm
 
 
 def instruction_losses(params, cfg, batch, rng, deterministic: bool = False):
-    """{'lm'} for an instruction batch (input_ids, attention_mask, loss_mask, pixel_values [, qformer_ids/mask])."""
+    """{'lm'} for an instruction batch (input_ids, attention_mask, loss_mask, pixel_values [, qformer_ids/mask]
+    [, positions, segment_ids when rows are packed])."""
     logits = ZiyaVisual(cfg).apply(
         {"params": params}, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-        batch.get("qformer_ids"), batch.get("qformer_mask"), deterministic=deterministic, rngs={"dropout": rng})
+        batch.get("qformer_ids"), batch.get("qformer_mask"), batch.get("positions"), deterministic=deterministic,
+        segment_ids=batch.get("segment_ids"), rngs={"dropout": rng})
     return {"lm": lm_loss(logits, batch["input_ids"], batch["loss_mask"])}
 
 

@@ -102,6 +102,10 @@ def batch_shapes(data, cfg: ModelConfig, stage1: bool) -> dict[str, tuple[tuple[
     n, t = data.get("max_images", 1), data.text_len
     out = {"input_ids": ((b, t), i32), "attention_mask": ((b, t), i32), "loss_mask": ((b, t), i32),
            "pixel_values": ((b, n, size, size, 3), f32), "image_mask": ((b, n), i32)}
+    packed = data.get("pack", False)
+    if packed:
+        out.update(segment_ids=((b, t), i32), positions=((b, t), i32))
     if qlen:
-        out.update(qformer_ids=((b, qlen), i32), qformer_mask=((b, qlen), i32))
+        q_shape = (b, n, qlen) if packed else (b, qlen)
+        out.update(qformer_ids=(q_shape, i32), qformer_mask=(q_shape, i32))
     return out
