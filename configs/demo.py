@@ -6,14 +6,17 @@ model); --config configs/demo.py:stage=0|1a|1b|2|3[,variant=...] is one of them.
 Stage 0 stands in for the pretrained EVA-CLIP tower the paper starts from: it trains the ViT to read each grid
 cell's colour, shape and size (ziya_jax.train.vision), and stage 1 then keeps it frozen, as the paper does.
 The LLM vocabulary is the demo tokenizer's 640 pieces (trained into WORKDIR/tokenizers when missing) plus the
-image placeholder (id 640); the Q-Former's is the demo Q-Former tokenizer's 512. Everything trains from
+image placeholder (id 640); the Q-Former's is the demo Q-Former tokenizer's 640 (at 512 it cut English words into
+letters, "large" into 5 pieces, and stage 1b's English retrieval IR@1 was 35.5; at 640, 66.5). Everything trains from
 scratch here, so the stages unfreeze what they must: stage 1 the Q-Former (ITC/ITM/ITG on captions) on the
 frozen stage-0 ViT, stage 2 the LLM and projection (and Chat's instruction-aware Q-Former, as in the paper) on the
 frozen ViT (instructions), stage 3 the Q-Former and projection plus LoRA on the ViT and LLM attention, as in the
 paper's stage 3. The LLM has 2 layers: on an H200, 2 layers learnt stage 2's VQA as fast per step as 4, and on
-2 CPU cores a step costs 0.3 s instead of 0.45 s, which buys stage 2 its 1300 steps. Trained by stage 1's
-objectives instead of stage 0, the ViT learnt colours but not shapes or sizes, and the demo's VQA stayed near
-52/50 (en/zh) with shape, position and yes/no questions at chance (issue 5's notes).
+2 CPU cores a step of 32 unpacked rows costs 0.3 s instead of 0.45 s. Its 16 heads of 16 learn VQA faster than
+8 of 32 or 4 of 64 (stage 2 alone, 1800 steps: 88.5/91.0, 83.5/82.5, 79.5/79.0), for ~20% more time a step.
+Stages 2 and 3 pack their rows (PACKED_ROWS below), which buys stage 2 ~1.4x the examples in the same time. Trained by stage 1's objectives instead of stage 0, the ViT learnt
+colours but not shapes or sizes, and the demo's VQA stayed near 52/50 (en/zh) with shape, position and yes/no
+questions at chance (issue 5's notes).
 
 Stage 1 trains ITG alone first (1a), then the paper's three losses together (1b). Trained from scratch with ITC
 beside it from the start, the Q-Former's queries become summaries of the whole image, and ITG predicts a
@@ -42,16 +45,21 @@ TRAINABLE = {
     2: ("language_model", "language_projection"),  # + the Q-Former for Chat (instruction-aware), as in the paper
     3: QFORMER + ("language_projection", r".*/lora_[ab]"),
 }
-# Once stage 1a has trained it, the Q-Former learns at a tenth of the stage's rate: at the full rate, the fresh
-# LLM's first gradients wipe out what ITG taught it (Chat's stage 2: 47.5/43.5 VQA after 2400 steps, against
-# 85.0/83.0 at a tenth; issue 5's notes).
-QFORMER_LR = tuple((name, 0.1) for name in QFORMER)
+# Once stage 1a has trained it, the Q-Former learns slower than the fresh modules beside it: at the full rate, the
+# fresh LLM's first gradients wipe out what ITG taught it. Stages 1b and 3 train it at a tenth of the rate, Chat's
+# stage 2 at half (VQA en/zh after stage 2 alone, 1800 packed steps, 4 LLM heads: a tenth 71.5/68.0, 0.3 78.5/78.0,
+# half 79.5/79.0; the full rate 42.0/51.0 at step 900; issue 5's notes).
+QFORMER_LR = {1: 0.1, 2: 0.5, 3: 0.1}
 # Instruction mixtures (task, weight) on the synthetic train split; VQA leads, as it is what the demo is scored on.
 MIXTURE = {
     2: (("vqa", 4.0), ("caption", 1.0), ("grounding", 1.0), ("conversation", 1.0)),
     3: (("vqa", 3.0), ("grounding", 1.5), ("grounded_caption", 1.0), ("caption", 0.5), ("conversation", 1.0)),
 }
-STEPS = {0: 400, 1: 150, 2: 1300, 3: 100}
+# Stages 2 and 3 pack their rows (ziya_jax.data.pipeline): 8 rows of 128 tokens and 4 image slots hold ~30
+# examples. With 4 LLM heads a step cost ~0.19 s here, where 32 unpacked rows of 64 tokens (half of it padding)
+# cost ~0.3 s; with 16 heads it costs ~0.25 s.
+PACKED_ROWS = dict(pack=True, batch_size=8, text_len=128, max_images=4)
+STEPS = {0: 400, 1: 150, 2: 1700, 3: 100}
 ITG_STEPS = 900  # stage 1a, ITG alone: ~0.1 s a step against ~0.35 with ITC and ITM
 LR = {0: 1e-3, 1: 1e-3, 2: 1e-3, 3: 5e-4}
 EVAL_TASKS = {1: ("retrieval",), 2: (), 3: ("vqa", "caption", "grounding")}
@@ -62,9 +70,9 @@ def model_config(variant: str) -> dict:
         variant=variant,
         vision=dict(image_size=48, patch_size=16, width=128, depth=4, num_heads=4, mlp_dim=512,
                     position_initializer_range=1.0),
-        qformer=dict(width=128, depth=2, num_heads=4, mlp_dim=512, cross_attention_frequency=1, vocab_size=512,
+        qformer=dict(width=128, depth=2, num_heads=4, mlp_dim=512, cross_attention_frequency=1, vocab_size=640,
                      max_position_embeddings=64, embed_dim=64, dropout=0.0, initializer_range=0.08),
-        llm=dict(vocab_size=641, width=256, depth=2, num_heads=4, num_kv_heads=4, head_dim=64, mlp_dim=768,
+        llm=dict(vocab_size=641, width=256, depth=2, num_heads=16, num_kv_heads=16, head_dim=16, mlp_dim=768,
                  max_position_embeddings=256, initializer_range=0.0625),
         num_query_tokens=8,
         image_token_id=640,
@@ -98,12 +106,13 @@ def stage_config(stage: int, variant: str, lora_rank: int) -> ml_collections.Con
     train_split = dict(kind="synthetic", split="train", n=20000)
     mixture = [dict(train_split, task="caption", weight=1.0)] if stage == 1 else \
         [dict(train_split, task=t, weight=w) for t, w in MIXTURE[stage]]
-    config.data = dict(tokenizers="demo", sources=mixture, batch_size=32, text_len=64, max_images=1,
+    rows = dict(batch_size=32, text_len=64, max_images=1) if stage == 1 else PACKED_ROWS
+    config.data = dict(tokenizers="demo", sources=mixture, **rows,
                        qformer_text_len=32 if (stage == 1 or variant == "chat") else 0, num_workers=0, seed=stage)
     config.train = dict(
         trainable=TRAINABLE[stage] + (QFORMER if stage == 2 and variant == "chat" else ()),
         losses=dict(itc=1.0, itm=1.0, itg=1.0) if stage == 1 else dict(lm=1.0),
-        optimizer=optimizer(stage, STEPS[stage], QFORMER_LR),
+        optimizer=optimizer(stage, STEPS[stage], tuple((name, QFORMER_LR[stage]) for name in QFORMER)),
         init_from="",
         seed=stage,
     )

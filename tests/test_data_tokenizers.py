@@ -2,6 +2,7 @@
 import copy
 import itertools
 import json
+import re
 
 import pytest
 
@@ -56,6 +57,18 @@ def test_demo_pieces_stay_inside_chinese_words(demo):
                                          .split(tokenizers.WORD_BOUNDARY)))
     assert word_ends <= piece_ends  # every word boundary is a piece boundary
     assert [tok.decode([i]) for i in tok.encode("红色正方形在哪里？")] == ["红色", "正方形", "在", "哪里", "？"]
+
+
+def test_demo_tokenizers_keep_english_words_whole(tmp_path):
+    """At 512 pieces the Q-Former tokenizer cut the set's English words ("large" into 5 pieces, "red" into 2)
+    while it kept Chinese words whole; the demo's 640 keep both."""
+    llm, q = synthetic.train_demo_tokenizers(str(tmp_path))
+    toks = tokenizers.SentencePieceTokenizer.load(llm), tokenizers.QFormerTokenizer.from_sentencepiece(q)
+    for text in synthetic.corpus(num_scenes=20):
+        text = re.sub("|".join(tokenizers.ZIYA_ROLE_TOKENS), " ", text)
+        for tok in toks:
+            runs = [re.findall("[A-Za-z]+", tok.decode([i])) for i in tok.encode(text)]
+            assert [r[0] for r in runs if r] == re.findall("[A-Za-z]+", text) and max(map(len, runs)) <= 1, text
 
 
 def test_demo_training_is_deterministic(tmp_path):

@@ -201,7 +201,7 @@ def corpus(num_scenes: int = 400, seed: int = 0) -> list[str]:
     return texts
 
 
-def train_demo_tokenizers(out_dir: str, llm_vocab_size: int = 640, qformer_vocab_size: int = 512,
+def train_demo_tokenizers(out_dir: str, llm_vocab_size: int = 640, qformer_vocab_size: int = 640,
                           num_scenes: int = 400, seed: int = 0) -> tuple[str, str]:
     """Trains the demo's LLM and Q-Former sentencepiece models on `corpus` (deterministic, about a second)
     -> paths of `llm.model` and `qformer.model` in out_dir. No piece crosses a Chinese word boundary, so
