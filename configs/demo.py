@@ -7,16 +7,16 @@ Stage 0 stands in for the pretrained EVA-CLIP tower the paper starts from: it tr
 cell's colour, shape and size (ziya_jax.train.vision), and stage 1 then keeps it frozen, as the paper does.
 The LLM vocabulary is the demo tokenizer's 640 pieces (trained into WORKDIR/tokenizers when missing) plus the
 image placeholder (id 640); the Q-Former's is the demo Q-Former tokenizer's 640 (at 512 it cut English words into
-letters, "large" into 5 pieces, and stage 1b's English retrieval IR@1 was 35.5; at 640, 66.5). Everything trains from
-scratch here, so the stages unfreeze what they must: stage 1 the Q-Former (ITC/ITM/ITG on captions) on the
+letters, "large" into 5 pieces, and stage 1b's English retrieval IR@1 was 35.5; at 640, 66.5). Everything trains
+from scratch here, so the stages unfreeze what they must: stage 1 the Q-Former (ITC/ITM/ITG on captions) on the
 frozen stage-0 ViT, stage 2 the LLM and projection (and Chat's instruction-aware Q-Former, as in the paper) on the
 frozen ViT (instructions), stage 3 the Q-Former and projection plus LoRA on the ViT and LLM attention, as in the
 paper's stage 3. The LLM has 2 layers: on an H200, 2 layers learnt stage 2's VQA as fast per step as 4, and on
 2 CPU cores a step of 32 unpacked rows costs 0.3 s instead of 0.45 s. Its 16 heads of 16 learn VQA faster than
 8 of 32 or 4 of 64 (stage 2 alone, 1800 steps: 88.5/91.0, 83.5/82.5, 79.5/79.0), for ~20% more time a step.
-Stages 2 and 3 pack their rows (PACKED_ROWS below), which buys stage 2 ~1.4x the examples in the same time. Trained by stage 1's objectives instead of stage 0, the ViT learnt
-colours but not shapes or sizes, and the demo's VQA stayed near 52/50 (en/zh) with shape, position and yes/no
-questions at chance (issue 5's notes).
+Stages 2 and 3 pack their rows (PACKED_ROWS below), which buys stage 2 ~1.4x the examples in the same time.
+Trained by stage 1's objectives instead of stage 0, the ViT learnt colours but not shapes or sizes, and the demo's
+VQA stayed near 52/50 (en/zh) with shape, position and yes/no questions at chance (issue 5's notes).
 
 Stage 1 trains ITG alone first (1a), then the paper's three losses together (1b). Trained from scratch with ITC
 beside it from the start, the Q-Former's queries become summaries of the whole image, and ITG predicts a
