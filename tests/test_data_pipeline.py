@@ -144,29 +144,30 @@ def test_packed_rows_hold_the_same_examples_and_give_the_same_logits(toks):
         # First fit in stream order: the batch holds the next len(mine) examples, each whole, in some rows.
         expected = plain[used:used + len(mine)]
         used += len(mine)
+        alone = [np.asarray(forward(params, ex, None)) for ex in expected]  # each example's logits, unpacked
         assert sorted(b["input_ids"][0].tobytes() for b in expected) == sorted(
             np.pad(batch["input_ids"][r, a:a + m], (0, t - m), constant_values=toks[0].pad_id).tobytes()
             for r, a, m in mine)
         slot = collections.Counter()
         for r, a, m in mine:
-            ex = next(b for b in expected if b["input_ids"][0, :m].tobytes() == batch["input_ids"][r, a:a + m].tobytes()
-                      and b["attention_mask"][0].sum() == m)
+            j = next(j for j, b in enumerate(expected) if b["attention_mask"][0].sum() == m
+                     and b["input_ids"][0, :m].tobytes() == batch["input_ids"][r, a:a + m].tobytes())
+            ex = expected[j]
             np.testing.assert_array_equal(batch["positions"][r, a:a + m], np.arange(m))
             np.testing.assert_array_equal(batch["loss_mask"][r, a:a + m], ex["loss_mask"][0, :m])
             k = int(ex["image_mask"].sum())
             np.testing.assert_array_equal(batch["pixel_values"][r, slot[r]:slot[r] + k], ex["pixel_values"][0, :k])
             assert (batch["qformer_ids"][r, slot[r]:slot[r] + k] == ex["qformer_ids"][0]).all()
             slot[r] += k
-            alone = np.asarray(forward(params, ex, None))
-            np.testing.assert_allclose(logits[r, a:a + m], alone[0, :m], atol=2e-5, rtol=1e-4)
+            np.testing.assert_allclose(logits[r, a:a + m], alone[j][0, :m], atol=2e-5, rtol=1e-4)
         for r in range(n):
             assert batch["attention_mask"][r].sum() == sum(m for rr, _, m in mine if rr == r) <= t
             assert batch["image_mask"][r].sum() == slot[r] <= 3
             assert (batch["segment_ids"][r] > 0).sum() == batch["attention_mask"][r].sum()
         # The loss is the token mean over the same answer tokens as unpacked.
         loss = lm_loss(logits, batch["input_ids"], batch["loss_mask"])
-        nll = [float(lm_loss(np.asarray(forward(params, ex, None)), ex["input_ids"], ex["loss_mask"]))
-               * ex["loss_mask"][0, 1:].sum() for ex in expected]
+        nll = [float(lm_loss(x, ex["input_ids"], ex["loss_mask"])) * ex["loss_mask"][0, 1:].sum()
+               for x, ex in zip(alone, expected)]
         np.testing.assert_allclose(loss, sum(nll) / sum(ex["loss_mask"][0, 1:].sum() for ex in expected), rtol=1e-4)
     assert used > 3 * n  # rows hold several examples
 

@@ -327,6 +327,10 @@ class _PreparePair(_Prepare):
         return {"pixel_values": pixels, "text_ids": q["ids"], "text_mask": q["mask"], "itg_ids": itg}
 
 
+def _stack(rows: list[dict]) -> dict[str, np.ndarray]:
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
 class Stack:
     """One batch being filled: `batch_size` rows as they come."""
 
@@ -342,7 +346,7 @@ class Stack:
         return True
 
     def batch(self) -> dict[str, np.ndarray]:
-        return {k: np.stack([r[k] for r in self.rows]) for k in self.rows[0]}
+        return _stack(self.rows)
 
 
 class Packer:
@@ -369,8 +373,7 @@ class Packer:
         return False
 
     def batch(self) -> dict[str, np.ndarray]:
-        rows = [self._row(examples) for examples in self.rows]
-        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        return _stack([self._row(examples) for examples in self.rows])
 
     def _row(self, examples: list[dict]) -> dict[str, np.ndarray]:
         text = {k: [] for k in ("input_ids", "attention_mask", "loss_mask", "segment_ids", "positions")}
