@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -24,6 +25,9 @@ def main(argv=None) -> int:
     data.add_argument("--batches", type=int, default=20)
     data.add_argument("--steps", type=int, default=5)
     args = parser.parse_args(argv)
+    # The train and decode benchmarks put ziya_jax and PyTorch on one accelerator: JAX must not take 75% of its
+    # memory up front (set before jax is imported, which the benchmark modules do).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if args.name == "data":
         from ziya_jax.bench import data as bench_data
 

@@ -5,9 +5,10 @@ vocab 32000), Base layout, random weights converted from one transformers Blip2 
 the same numbers. The step: LoRA rank 8 (alpha 16, no dropout) on the ViT's qkv/projection and the LLM's
 q/k/v/o projections; the Q-Former, query tokens, projection and LoRA factors train; AdamW with clipping; LM loss
 on the answer tokens; batch 8 of one image and 32 text tokens each. The PyTorch side wraps the same linears in a
-LoRA module, freezes the rest, and runs forward + backward + clip + AdamW, all threads.
+LoRA module, freezes the rest, and runs forward + backward + clip + AdamW (eager, on the GPU when JAX runs on one,
+else on all CPU threads).
 --dtype bfloat16 computes both sides in bfloat16 with float32 weights and optimizer (ziya_jax: model.dtype; PyTorch:
-CPU autocast); the default is float32 on both.
+autocast); the default is float32 on both.
 MFU = the step's matmul FLOPs (counted from the traced program, remat included) / step time / a square matmul's
 FLOP/s in the compute dtype, measured in the same run.
 """
@@ -79,23 +80,25 @@ def jax_step(params, cfg, batch: dict, steps: int, dtype: str):
     return float(np.median(times)), flops, first
 
 
-def torch_step(model, batch: dict, steps: int, dtype: str):
+def torch_step(model, batch: dict, steps: int, dtype: str, device: str):
     """The same step in PyTorch -> (seconds per step, first loss)."""
     import torch
 
     add_torch_lora(model)
+    model.to(device)
     for name, p in model.named_parameters():
         p.requires_grad_(bool(TORCH_TRAINABLE.search(name)))
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = default_optimizer(**OPTIMIZER)
     adamw = torch.optim.AdamW(trainable, lr=opt.lr, betas=(opt.b1, opt.b2), eps=opt.eps,
-                              weight_decay=opt.weight_decay)
+                              weight_decay=opt.weight_decay, fused=device == "cuda")
     model.train()
-    ids, mask, loss_mask = (torch.from_numpy(batch[k]).long() for k in ("input_ids", "attention_mask", "loss_mask"))
-    pixels = torch.from_numpy(batch["pixel_values"][:, 0].transpose(0, 3, 1, 2).copy())
+    ids, mask, loss_mask = (torch.from_numpy(batch[k]).long().to(device)
+                            for k in ("input_ids", "attention_mask", "loss_mask"))
+    pixels = torch.from_numpy(batch["pixel_values"][:, 0].transpose(0, 3, 1, 2).copy()).to(device)
 
     def one_step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             logits = model(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
         losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
                                                    reduction="none")
@@ -105,7 +108,7 @@ def torch_step(model, batch: dict, steps: int, dtype: str):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, opt.grad_clip)
         adamw.step()
-        return float(loss)
+        return loss.detach().item()  # waits for the whole step on a GPU too (the copy follows it on the stream)
 
     first = one_step()  # warm-up
     times = []
@@ -145,6 +148,7 @@ def run(args) -> dict:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
+    torch_device = "cuda" if jax.default_backend() == "gpu" else "cpu"
     model = hf_model(args.small)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
@@ -153,7 +157,7 @@ def run(args) -> dict:
     peak = measure_matmul_flops(dtype=jnp.dtype(args.dtype))
     ours_s, flops, ours_loss = jax_step(params, cfg, batch, args.steps, args.dtype)
     del params
-    theirs_s, theirs_loss = torch_step(model, batch, args.steps, args.dtype)
+    theirs_s, theirs_loss = torch_step(model, batch, args.steps, args.dtype, torch_device)
     mfu = flops / ours_s / peak
     print(f"first-step loss: ziya_jax {ours_loss:.5f}, PyTorch {theirs_loss:.5f} (same weights, LoRA B = 0)")
     print(f"step time: ziya_jax {ours_s * 1e3:.0f} ms, PyTorch {theirs_s * 1e3:.0f} ms -> {theirs_s / ours_s:.2f}x")
@@ -166,6 +170,7 @@ def run(args) -> dict:
     result = dict(batch=args.batch, lora_rank=RANK, dtype=args.dtype, ziya_jax_step_s=ours_s, pytorch_step_s=theirs_s,
                   speedup=theirs_s / ours_s, flops_per_step=flops, peak_flops=peak, mfu=mfu,
                   pytorch_mfu=pytorch_mfu, ceiling_speedup=ceiling,
-                  first_loss_ziya_jax=ours_loss, first_loss_pytorch=theirs_loss, device=str(jax.devices()[0]))
+                  first_loss_ziya_jax=ours_loss, first_loss_pytorch=theirs_loss,
+                  device=jax.devices()[0].device_kind, pytorch_device=torch_device)
     print(json.dumps(result))
     return result
