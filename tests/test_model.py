@@ -1,4 +1,5 @@
-"""Properties of the modules: bf16 vs f32, KV cache, LoRA, remat, Q-Former attention modes, positions."""
+"""Properties of the modules: bf16 vs f32, KV cache, LoRA, remat and unrolled scans, Q-Former attention modes,
+positions."""
 import dataclasses
 
 import flax.linen as nn
@@ -138,7 +139,8 @@ def test_lora_targets_zero_init_and_merge():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
-def test_remat_gives_same_loss_and_grads(policy="full"):
+@pytest.mark.parametrize("change", [dict(remat_policy="full"), dict(scan_unroll=8)], ids=["remat", "unrolled"])
+def test_remat_or_unrolled_scans_give_same_loss_and_grads(change):
     cfg = tiny()
     params = perturbed_params(cfg)
     args = inputs(cfg)
@@ -146,8 +148,14 @@ def test_remat_gives_same_loss_and_grads(policy="full"):
     def loss(c):
         return lambda p: ZiyaVisual(c).apply({"params": p}, *args).std()
 
-    ref_loss, ref_grad = jax.jit(jax.value_and_grad(loss(cfg)))(params)
-    got_loss, got_grad = jax.jit(jax.value_and_grad(loss(dataclasses.replace(cfg, remat_policy=policy))))(params)
+    ref_step, step = (jax.jit(jax.value_and_grad(loss(c))).lower(params).compile()
+                      for c in (cfg, dataclasses.replace(cfg, **change)))
+    loops = lambda compiled: compiled.as_text().count(" while(")
+    assert loops(ref_step) > 0
+    if "scan_unroll" in change:
+        assert loops(step) == 0  # the layer stacks became straight-line code
+    ref_loss, ref_grad = ref_step(params)
+    got_loss, got_grad = step(params)
     np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(got_grad), jax.tree_util.tree_leaves(ref_grad)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

@@ -88,6 +88,10 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat_policy: str = "none"  # none | full | dots | dots_no_batch
+    # Layers per iteration of each scanned layer stack (>= depth: straight-line code). Scanning keeps a deep
+    # model's compile time flat; unrolling a shallow one lets XLA fuse across layers (the demo's stage-2 step on
+    # 2 CPU cores: 13% faster).
+    scan_unroll: int = 1
 
     def __post_init__(self):
         if self.variant not in ("base", "chat"):
@@ -101,6 +105,8 @@ class ModelConfig:
                              f"cross_attention_frequency={self.qformer.cross_attention_frequency}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"model.remat_policy={self.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}")
+        if self.scan_unroll < 1:
+            raise ValueError(f"model.scan_unroll must be >= 1, got {self.scan_unroll}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":

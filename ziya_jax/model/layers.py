@@ -211,8 +211,10 @@ _REMAT = {
 }
 
 
-def scan_layers(block: type[nn.Module], length: int, remat_policy: str, in_axes: tuple, static_argnums=()):
-    """A layer stack as one scanned module: parameters gain a leading 'layers' axis, compile time stays flat.
+def scan_layers(block: type[nn.Module], length: int, remat_policy: str, unroll: int, in_axes: tuple,
+                static_argnums=()):
+    """A layer stack as one scanned module: parameters gain a leading 'layers' axis, compile time stays flat
+    (`unroll` layers per loop iteration).
 
     The block is called as block(carry, *args) -> (carry, per_layer_output); `in_axes` gives, for each of
     args, 0 (scanned, e.g. a per-layer KV cache) or nn.broadcast.
@@ -220,4 +222,5 @@ def scan_layers(block: type[nn.Module], length: int, remat_policy: str, in_axes:
     if remat_policy != "none":
         block = nn.remat(block, policy=_REMAT[remat_policy], prevent_cse=False, static_argnums=static_argnums)
     return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                   in_axes=in_axes, length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+                   in_axes=in_axes, length=length, unroll=unroll >= length or unroll,
+                   metadata_params={nn.PARTITION_NAME: "layers"})

@@ -87,6 +87,7 @@ class Llama(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat_policy: str = "none"
+    scan_unroll: int = 1
     unrolled: bool = False
 
     def setup(self):
@@ -96,7 +97,7 @@ class Llama(nn.Module):
         if self.unrolled:
             self.layers = [LlamaLayer(cfg, self.lora, self.dtype, self.param_dtype) for _ in range(cfg.depth)]
         else:
-            stack = scan_layers(LlamaLayer, cfg.depth, self.remat_policy,
+            stack = scan_layers(LlamaLayer, cfg.depth, self.remat_policy, self.scan_unroll,
                                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                                 static_argnums=(6,))
             self.layers = stack(cfg, self.lora, self.dtype, self.param_dtype)

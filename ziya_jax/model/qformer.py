@@ -142,6 +142,7 @@ class QFormer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat_policy: str = "none"
+    scan_unroll: int = 1
 
     def setup(self):
         cfg = self.cfg
@@ -152,7 +153,7 @@ class QFormer(nn.Module):
             self.word_embeddings = embed(cfg.vocab_size)
             self.position_embeddings = embed(cfg.max_position_embeddings)
         stack = scan_layers(QFormerGroup, cfg.depth // cfg.cross_attention_frequency, self.remat_policy,
-                            in_axes=(nn.broadcast,) * 4, static_argnums=(2, 5))
+                            self.scan_unroll, in_axes=(nn.broadcast,) * 4, static_argnums=(2, 5))
         self.layer = stack(cfg, self.lora, self.dtype, self.param_dtype)
         self.dropout = nn.Dropout(cfg.dropout)
         if cfg.pretrain_heads:

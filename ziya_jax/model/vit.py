@@ -113,12 +113,13 @@ class VisionTransformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat_policy: str = "none"
+    scan_unroll: int = 1
 
     @nn.compact
     def __call__(self, pixels, deterministic: bool = True):
         x = VisionEmbeddings(self.cfg, self.lora, self.dtype, self.param_dtype, name="embeddings")(
             pixels, deterministic)
-        stack = scan_layers(VisionLayer, self.cfg.depth, self.remat_policy, in_axes=(nn.broadcast,),
-                            static_argnums=(2,))
+        stack = scan_layers(VisionLayer, self.cfg.depth, self.remat_policy, self.scan_unroll,
+                            in_axes=(nn.broadcast,), static_argnums=(2,))
         x, _ = stack(self.cfg, self.lora, self.dtype, self.param_dtype, name="layers")(x, deterministic)
         return LayerNorm(self.cfg.layer_norm_eps, self.dtype, self.param_dtype, name="post_layernorm")(x)

@@ -38,7 +38,8 @@ class ZiyaVisual(nn.Module):
     def setup(self):
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        common = dict(lora=cfg.lora, dtype=dtype, param_dtype=param_dtype, remat_policy=cfg.remat_policy)
+        common = dict(lora=cfg.lora, dtype=dtype, param_dtype=param_dtype, remat_policy=cfg.remat_policy,
+                      scan_unroll=cfg.scan_unroll)
         self.vision_model = VisionTransformer(cfg.vision, **common)
         self.qformer = QFormer(cfg.qformer, **common)
         self.query_tokens = self.param("query_tokens", logical(default_init, (None, None, "embed")),

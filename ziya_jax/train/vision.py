@@ -41,10 +41,11 @@ class CellHeads(nn.Module):
     attribute, and one naming the token's own cell -> {attribute: logits [B, cells, classes + 1],
     "cell": logits [B, cells, cells]}."""
     cfg: VisionConfig
+    scan_unroll: int = 1
 
     @nn.compact
     def __call__(self, pixels):
-        tokens = VisionTransformer(self.cfg, name="vision_model")(pixels)[:, 1:]
+        tokens = VisionTransformer(self.cfg, scan_unroll=self.scan_unroll, name="vision_model")(pixels)[:, 1:]
         heads = {a: nn.Dense(len(names) + 1, name=a)(tokens) for a, names in synthetic.CELL_ATTRIBUTES.items()}
         return heads | {"cell": nn.Dense(tokens.shape[1], name="cell")(tokens)}
 
@@ -86,7 +87,7 @@ def train_vision(config: ml_collections.ConfigDict, workdir: str, final: str) ->
     if size // cfg.vision.patch_size != synthetic.GRID:
         raise ValueError(f"vision pretraining reads one grid cell per patch token: image_size / patch_size must be "
                          f"{synthetic.GRID}, got {size} / {cfg.vision.patch_size}")
-    model = CellHeads(cfg.vision)
+    model = CellHeads(cfg.vision, cfg.scan_unroll)
     full = init_params(cfg, jax.random.key(train.seed))
     params = model.init(jax.random.key(train.seed), jnp.zeros((1, size, size, 3)))["params"]
     params["vision_model"] = full["vision_model"]  # the model's own initialisation (initializer ranges)
