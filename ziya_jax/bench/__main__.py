@@ -19,6 +19,8 @@ def main(argv=None) -> int:
     train.add_argument("--small", action="store_true", help="a tiny model, to check the benchmark itself quickly")
     train.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                        help="compute dtype of both sides (weights and optimizer stay float32)")
+    train.add_argument("--scan-unroll", type=int, default=1, help="ziya_jax's model.scan_unroll (layers per loop "
+                       "iteration of each layer stack; 12 or more: no loops)")
     data = sub.add_parser("data", help="input pipeline examples/s vs the demo train step's consumption")
     data.add_argument("--config", default="configs/demo.py:stage=2")
     data.add_argument("--workers", type=int, default=2)

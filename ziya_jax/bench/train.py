@@ -56,9 +56,9 @@ def batch_arrays(cfg, batch: int) -> dict[str, np.ndarray]:
                 pixel_values=rng.normal(size=(batch, 1, size, size, 3)).astype(np.float32))
 
 
-def jax_step(params, cfg, batch: dict, steps: int, dtype: str):
+def jax_step(params, cfg, batch: dict, steps: int, dtype: str, scan_unroll: int):
     """-> (seconds per step, FLOPs per step, first loss)."""
-    cfg = dataclasses.replace(cfg, dtype=dtype,
+    cfg = dataclasses.replace(cfg, dtype=dtype, scan_unroll=scan_unroll,
                               lora=LoraConfig(rank=RANK, alpha=2.0 * RANK, dropout=0.0, targets=LORA_TARGETS))
     fresh = flatten(init_params(cfg, jax.random.key(0)))  # the LoRA factors (B = 0); the rest comes from HF
     params = unflatten({**fresh, **flatten(params)})
@@ -155,7 +155,7 @@ def run(args) -> dict:
         params, cfg = load_hf(tmp)
     batch = batch_arrays(cfg, args.batch)
     peak = measure_matmul_flops(dtype=jnp.dtype(args.dtype))
-    ours_s, flops, ours_loss = jax_step(params, cfg, batch, args.steps, args.dtype)
+    ours_s, flops, ours_loss = jax_step(params, cfg, batch, args.steps, args.dtype, args.scan_unroll)
     del params
     theirs_s, theirs_loss = torch_step(model, batch, args.steps, args.dtype, torch_device)
     mfu = flops / ours_s / peak
@@ -167,7 +167,8 @@ def run(args) -> dict:
     # measured peak bounds the speed-up any implementation could show here.
     pytorch_mfu, ceiling = flops / theirs_s / peak, theirs_s / (flops / peak)
     print(f"PyTorch's MFU on the same FLOPs {pytorch_mfu:.1%}; at 100% of the peak ziya_jax would be {ceiling:.2f}x")
-    result = dict(batch=args.batch, lora_rank=RANK, dtype=args.dtype, ziya_jax_step_s=ours_s, pytorch_step_s=theirs_s,
+    result = dict(batch=args.batch, lora_rank=RANK, dtype=args.dtype, scan_unroll=args.scan_unroll,
+                  ziya_jax_step_s=ours_s, pytorch_step_s=theirs_s,
                   speedup=theirs_s / ours_s, flops_per_step=flops, peak_flops=peak, mfu=mfu,
                   pytorch_mfu=pytorch_mfu, ceiling_speedup=ceiling,
                   first_loss_ziya_jax=ours_loss, first_loss_pytorch=theirs_loss,

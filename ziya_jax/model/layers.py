@@ -222,5 +222,5 @@ def scan_layers(block: type[nn.Module], length: int, remat_policy: str, unroll: 
     if remat_policy != "none":
         block = nn.remat(block, policy=_REMAT[remat_policy], prevent_cse=False, static_argnums=static_argnums)
     return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                   in_axes=in_axes, length=length, unroll=unroll >= length or unroll,
+                   in_axes=in_axes, length=length, unroll=True if unroll >= length else unroll,  # True: no loop
                    metadata_params={nn.PARTITION_NAME: "layers"})
