@@ -17,6 +17,7 @@ import numpy as np
 from ziya_jax.config import ModelConfig, load_config
 from ziya_jax.data import (DataConfig, QFormerTokenizer, SentencePieceTokenizer, Source, SyntheticSource,
                            instruction_batches, train_demo_tokenizers)
+from ziya_jax.train.loop import count_examples, data_config
 from ziya_jax.model import init_params
 from ziya_jax.train.optimizer import logged_lr, make_optimizer
 from ziya_jax.train.step import Stage, init_state, train_step
@@ -24,15 +25,20 @@ from ziya_jax.train.step import Stage, init_state, train_step
 TASKS = ("caption", "vqa", "grounding", "grounded_caption", "conversation")
 
 
-def pipeline_rate(cfg: DataConfig, tok, qtok, batches: int) -> float:
-    """Examples/s of the instruction pipeline over all tasks (the first batch, start-up, is not timed)."""
+def all_tasks(cfg: DataConfig, tok, qtok):
+    """The instruction pipeline over all tasks of the synthetic train split."""
     source = SyntheticSource("train", 100_000, image_size=cfg.image_size)
-    it = iter(instruction_batches([Source(source, t) for t in TASKS], cfg, tok, qtok))
+    return iter(instruction_batches([Source(source, t) for t in TASKS], cfg, tok, qtok))
+
+
+def pipeline_rate(cfg: DataConfig, tok, qtok, batches: int) -> float:
+    """Examples/s of the instruction pipeline (the first batch, start-up, is not timed)."""
+    it = all_tasks(cfg, tok, qtok)
     next(it)
-    start = time.perf_counter()
+    start, examples = time.perf_counter(), 0
     for _ in range(batches):
-        next(it)
-    return batches * cfg.batch_size / (time.perf_counter() - start)
+        examples += count_examples(next(it))
+    return examples / (time.perf_counter() - start)
 
 
 def train_rate(config, batch, steps: int) -> float:
@@ -49,27 +55,23 @@ def train_rate(config, batch, steps: int) -> float:
     for _ in range(steps):
         state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
-    return steps * batch["input_ids"].shape[0] / (time.perf_counter() - start)
+    return steps * count_examples(batch) / (time.perf_counter() - start)
 
 
 def run(args) -> dict:
     config = load_config(args.config)
     if config.stage == 1:
         raise SystemExit("bench data times the instruction stages (2 or 3); pass a stage-2/3 config")
-    d = config.data
     with tempfile.TemporaryDirectory() as tmp:
         train_demo_tokenizers(tmp)
         tok = SentencePieceTokenizer.load(f"{tmp}/llm.model")
         qtok = QFormerTokenizer.from_sentencepiece(f"{tmp}/qformer.model")
-    cfg = DataConfig(batch_size=d.batch_size, text_len=d.text_len, image_size=d.image_size, max_images=d.max_images,
-                     num_query_tokens=config.model.num_query_tokens, image_token_id=config.model.image_token_id,
-                     qformer_text_len=d.qformer_text_len)
+    cfg = data_config(config.data, ModelConfig.from_dict(config.model.to_dict()))
     rows = {}
     for workers in (0, args.workers):
         rows[f"pipeline, {workers} workers"] = pipeline_rate(
             DataConfig(**{**cfg.__dict__, "num_workers": workers}), tok, qtok, args.batches)
-    sample = next(iter(instruction_batches([Source(SyntheticSource("train", 1000, d.image_size), "vqa")], cfg,
-                                           tok, qtok)))
+    sample = next(all_tasks(cfg, tok, qtok))
     consumed = train_rate(config, {k: np.asarray(v) for k, v in sample.items()}, args.steps)
     print(f"{'':<26}{'examples/s':>12}{'x train step':>14}")
     for name, rate in rows.items():

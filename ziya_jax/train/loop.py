@@ -105,17 +105,23 @@ def sources(data: ml_collections.ConfigDict, image_size: int) -> list[pipeline.S
     return out
 
 
-def batches(data: ml_collections.ConfigDict, cfg: ModelConfig, stage1: bool, tok, qtok):
-    """This process's Grain iterator (its disjoint share of the sources, data.batch_size / process_count rows
-    a batch): image-caption pairs for stage 1, instruction rows otherwise."""
+def data_config(data: ml_collections.ConfigDict, cfg: ModelConfig) -> pipeline.DataConfig:
+    """This process's pipeline settings: a config's `data` for `cfg`'s model, data.batch_size / process_count
+    rows a batch."""
     fields = {f.name for f in dataclasses.fields(pipeline.DataConfig)}
     options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.to_dict().items() if k in fields}
     if options["batch_size"] % jax.process_count():
         raise ValueError(f"data.batch_size={options['batch_size']} (global) does not divide among "
                          f"{jax.process_count()} processes")
     options["batch_size"] //= jax.process_count()
-    dcfg = pipeline.DataConfig(num_query_tokens=cfg.num_query_tokens, image_token_id=cfg.image_token_id,
+    return pipeline.DataConfig(num_query_tokens=cfg.num_query_tokens, image_token_id=cfg.image_token_id,
                                image_size=cfg.vision.image_size, **options)
+
+
+def batches(data: ml_collections.ConfigDict, cfg: ModelConfig, stage1: bool, tok, qtok):
+    """This process's Grain iterator (its disjoint share of the sources): image-caption pairs for stage 1,
+    instruction rows otherwise."""
+    dcfg = data_config(data, cfg)
     srcs = sources(data, dcfg.image_size)
     if stage1:
         return iter(pipeline.pair_batches(srcs, dcfg, qtok))
@@ -145,7 +151,7 @@ def _host_metrics(metrics) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def _count_examples(batch: dict) -> int:
+def count_examples(batch: dict) -> int:
     """Rows, or in packed rows the examples (segments) they hold."""
     if "segment_ids" in batch:
         return int(np.sum(np.max(batch["segment_ids"], axis=1)))
@@ -216,7 +222,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
                         f"step {step}: loss {metrics['loss']}, grad norm {metrics['grad_norm']}; stopping. The last "
                         f"good checkpoint (step {checkpoints.manager.latest_step()}) in {workdir} is untouched: "
                         "lower the learning rate or check the data, then rerun to resume from it")
-                metrics.update(examples_per_s=_count_examples(host_batch) * jax.process_count() / seconds,
+                metrics.update(examples_per_s=count_examples(host_batch) * jax.process_count() / seconds,
                                tokens_per_s=_count_tokens(host_batch) * jax.process_count() / seconds,
                                mfu=flops / seconds / peak if peak else 0.0,
                                skipped=float(sum(data_iter.skipped.values())))
