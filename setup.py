@@ -26,8 +26,10 @@ setup(
     ],
     extras_require={
         # Ground truth for the tests: transformers (PyTorch, CPU) on the same weights.
-        "dev": ["pytest>=8", "torch==2.13.0", "transformers>=5.23,<6", "libtpu"],
-        # Compiling for TPU topologies on any host (python -m ziya_jax.compile), and running on TPU VMs.
-        "tpu": ["libtpu"],
+        "dev": ["pytest>=8", "torch==2.13.0", "transformers>=5.23,<6", "jax[tpu]"],
+        # Compiling for TPU topologies on any host (python -m ziya_jax.compile), and running on TPU VMs. jax[tpu]
+        # pins the libtpu built for the installed jax: a newer libtpu beside jax 0.10.2 printed TPU warnings on
+        # every import and crashed jax.profiler (segfault).
+        "tpu": ["jax[tpu]"],
     },
 )

@@ -123,6 +123,7 @@ def stage_config(stage: int, variant: str, lora_rank: int) -> ml_collections.Con
         losses=dict(itc=1.0, itm=1.0, itg=1.0) if stage == 1 else dict(lm=1.0),
         optimizer=optimizer(stage, STEPS[stage], tuple((name, QFORMER_LR[stage]) for name in QFORMER)),
         init_from="",
+        frozen_dtype="",  # float32 compute on a CPU: keep the frozen weights as they are
         seed=stage,
     )
     config.checkpoint = dict(save_every=50, keep=2, async_save=True)

@@ -53,6 +53,7 @@ def get_config(arg=None):
         trainable=trainable(args["stage"], args["variant"]),
         losses=dict(itc=1.0, itm=1.0, itg=1.0) if stage1 else dict(lm=1.0),
         dec_token_id=DEC_TOKEN_ID,
+        frozen_dtype="bfloat16",  # what does not train is only read, in bf16 compute: half its memory
         optimizer=default_optimizer(),
     )
     # (data, fsdp, tensor): fully sharded data parallel inside a slice (ICI), data parallel across slices (DCN).

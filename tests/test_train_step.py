@@ -1,5 +1,6 @@
 """Stages as data: exactly the configured parameters train, frozen ones keep no optimizer state; the step on a
 (data=2, fsdp=2, tensor=2) mesh equals the single-device step."""
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -72,6 +73,23 @@ def test_only_the_configured_parameters_train(arg, trainable):
     moved = [p for p in flatten(state.trainable) if "lora_a" not in p[-1]
              and not np.array_equal(np.asarray(before[p]), np.asarray(after[p]))]
     assert moved, "nothing trained"
+
+
+def test_frozen_parameters_kept_in_bfloat16_stay_put_and_give_the_same_loss():
+    cfg = dataclasses.replace(tiny("variant=chat,stage=3"), dtype="bfloat16")
+    trainable = ("qformer", "query_tokens", "language_projection", r".*/lora_[ab]")
+    batch = instruction_batch(cfg)
+    params, state, metrics = run_steps(cfg, Stage(trainable, (("lm", 1.0),), frozen_dtype="bfloat16"), batch)
+    _, _, as_loaded = run_steps(cfg, Stage(trainable, (("lm", 1.0),)), batch, params=params)
+    before = flatten(params)
+    assert {a.dtype for a in jax.tree_util.tree_leaves(state.trainable)} == {np.dtype("float32")}
+    for path, value in flatten(state.frozen).items():
+        assert value.dtype == jnp.bfloat16, path
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(before[path].astype(jnp.bfloat16)))
+    # The compute dtype rounds every frozen weight to bfloat16 anyway; only the norms' float32 scales differ.
+    np.testing.assert_allclose(float(metrics["loss"]), float(as_loaded["loss"]), rtol=1e-2)
+    with pytest.raises(ValueError, match="frozen_dtype"):
+        Stage(trainable, (("lm", 1.0),), frozen_dtype="float16")
 
 
 def test_empty_trainable_set_is_an_error():

@@ -19,8 +19,12 @@ def main(argv=None) -> int:
     train.add_argument("--small", action="store_true", help="a tiny model, to check the benchmark itself quickly")
     train.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                        help="compute dtype of both sides (weights and optimizer stay float32)")
+    train.add_argument("--frozen-dtype", choices=("", "bfloat16"), default="",
+                       help="store what does not train in bfloat16 on both sides (ziya_jax: train.frozen_dtype)")
     train.add_argument("--scan-unroll", type=int, default=1, help="ziya_jax's model.scan_unroll (layers per loop "
                        "iteration of each layer stack; 12 or more: no loops)")
+    train.add_argument("--profile", metavar="DIR", help="trace --steps more ziya_jax steps into DIR "
+                       "(jax.profiler, Perfetto JSON) and print each device timeline's busy time and top ops")
     data = sub.add_parser("data", help="input pipeline examples/s vs the demo train step's consumption")
     data.add_argument("--config", default="configs/demo.py:stage=2")
     data.add_argument("--workers", type=int, default=2)

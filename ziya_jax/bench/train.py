@@ -8,7 +8,8 @@ on the answer tokens; batch 8 of one image and 32 text tokens each. The PyTorch 
 LoRA module, freezes the rest, and runs forward + backward + clip + AdamW (eager, on the GPU when JAX runs on one,
 else on all CPU threads).
 --dtype bfloat16 computes both sides in bfloat16 with float32 weights and optimizer (ziya_jax: model.dtype; PyTorch:
-autocast); the default is float32 on both.
+autocast); the default is float32 on both. --frozen-dtype bfloat16 also stores what does not train in bfloat16 on
+both sides.
 MFU = the step's matmul FLOPs (counted from the traced program, remat included) / step time / a square matmul's
 FLOP/s in the compute dtype, measured in the same run.
 """
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ziya_jax.bench.decode import hf_model
+from ziya_jax.bench.trace import device_time, print_device_time, trace_events
 from ziya_jax.config import LoraConfig
 from ziya_jax.convert import load_hf
 from ziya_jax.model import init_params
@@ -56,14 +58,15 @@ def batch_arrays(cfg, batch: int) -> dict[str, np.ndarray]:
                 pixel_values=rng.normal(size=(batch, 1, size, size, 3)).astype(np.float32))
 
 
-def jax_step(params, cfg, batch: dict, steps: int, dtype: str, scan_unroll: int):
-    """-> (seconds per step, FLOPs per step, first loss)."""
-    cfg = dataclasses.replace(cfg, dtype=dtype, scan_unroll=scan_unroll,
+def jax_step(params, cfg, batch: dict, args):
+    """-> (seconds per step, FLOPs per step, first loss, device-time summary of args.steps more steps traced into
+    args.profile, or None)."""
+    cfg = dataclasses.replace(cfg, dtype=args.dtype, scan_unroll=args.scan_unroll,
                               lora=LoraConfig(rank=RANK, alpha=2.0 * RANK, dropout=0.0, targets=LORA_TARGETS))
     fresh = flatten(init_params(cfg, jax.random.key(0)))  # the LoRA factors (B = 0); the rest comes from HF
     params = unflatten({**fresh, **flatten(params)})
     opt = default_optimizer(**OPTIMIZER)
-    stage, tx = Stage(TRAINABLE, (("lm", 1.0),)), make_optimizer(opt)
+    stage, tx = Stage(TRAINABLE, (("lm", 1.0),), frozen_dtype=args.frozen_dtype), make_optimizer(opt)
     state = jax.jit(lambda p: init_state(p, stage, tx, jax.random.key(1)))(params)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     step = jax.jit(lambda s, b: train_step(s, b, cfg, stage, tx, logged_lr(opt)), donate_argnums=0)
@@ -72,15 +75,22 @@ def jax_step(params, cfg, batch: dict, steps: int, dtype: str, scan_unroll: int)
     state, metrics = compiled(state, batch)  # warm-up
     first = float(metrics["loss"])
     times = []
-    for _ in range(steps):
+    for _ in range(args.steps):
         start = time.perf_counter()
         state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
-    return float(np.median(times)), flops, first
+    summary = None
+    if args.profile:
+        def run_step():
+            nonlocal state
+            state, step_metrics = compiled(state, batch)
+            jax.block_until_ready(step_metrics)
+        summary = device_time(trace_events(run_step, args.steps, args.profile), args.steps)
+    return float(np.median(times)), flops, first, summary
 
 
-def torch_step(model, batch: dict, steps: int, dtype: str, device: str):
+def torch_step(model, batch: dict, args, device: str):
     """The same step in PyTorch -> (seconds per step, first loss)."""
     import torch
 
@@ -88,6 +98,8 @@ def torch_step(model, batch: dict, steps: int, dtype: str, device: str):
     model.to(device)
     for name, p in model.named_parameters():
         p.requires_grad_(bool(TORCH_TRAINABLE.search(name)))
+        if args.frozen_dtype and not p.requires_grad:
+            p.data = p.data.to(getattr(torch, args.frozen_dtype))
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = default_optimizer(**OPTIMIZER)
     adamw = torch.optim.AdamW(trainable, lr=opt.lr, betas=(opt.b1, opt.b2), eps=opt.eps,
@@ -98,7 +110,7 @@ def torch_step(model, batch: dict, steps: int, dtype: str, device: str):
     pixels = torch.from_numpy(batch["pixel_values"][:, 0].transpose(0, 3, 1, 2).copy()).to(device)
 
     def one_step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
             logits = model(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
         losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
                                                    reduction="none")
@@ -112,7 +124,7 @@ def torch_step(model, batch: dict, steps: int, dtype: str, device: str):
 
     first = one_step()  # warm-up
     times = []
-    for _ in range(steps):
+    for _ in range(args.steps):
         start = time.perf_counter()
         one_step()
         times.append(time.perf_counter() - start)
@@ -155,10 +167,12 @@ def run(args) -> dict:
         params, cfg = load_hf(tmp)
     batch = batch_arrays(cfg, args.batch)
     peak = measure_matmul_flops(dtype=jnp.dtype(args.dtype))
-    ours_s, flops, ours_loss = jax_step(params, cfg, batch, args.steps, args.dtype, args.scan_unroll)
+    ours_s, flops, ours_loss, profile = jax_step(params, cfg, batch, args)
     del params
-    theirs_s, theirs_loss = torch_step(model, batch, args.steps, args.dtype, torch_device)
+    theirs_s, theirs_loss = torch_step(model, batch, args, torch_device)
     mfu = flops / ours_s / peak
+    if profile is not None:
+        print_device_time(profile, ours_s)
     print(f"first-step loss: ziya_jax {ours_loss:.5f}, PyTorch {theirs_loss:.5f} (same weights, LoRA B = 0)")
     print(f"step time: ziya_jax {ours_s * 1e3:.0f} ms, PyTorch {theirs_s * 1e3:.0f} ms -> {theirs_s / ours_s:.2f}x")
     print(f"matmul FLOPs/step {flops / 1e9:.1f} G; measured {args.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s -> "
@@ -167,7 +181,8 @@ def run(args) -> dict:
     # measured peak bounds the speed-up any implementation could show here.
     pytorch_mfu, ceiling = flops / theirs_s / peak, theirs_s / (flops / peak)
     print(f"PyTorch's MFU on the same FLOPs {pytorch_mfu:.1%}; at 100% of the peak ziya_jax would be {ceiling:.2f}x")
-    result = dict(batch=args.batch, lora_rank=RANK, dtype=args.dtype, scan_unroll=args.scan_unroll,
+    result = dict(batch=args.batch, lora_rank=RANK, dtype=args.dtype, frozen_dtype=args.frozen_dtype,
+                  scan_unroll=args.scan_unroll,
                   ziya_jax_step_s=ours_s, pytorch_step_s=theirs_s,
                   speedup=theirs_s / ours_s, flops_per_step=flops, peak_flops=peak, mfu=mfu,
                   pytorch_mfu=pytorch_mfu, ceiling_speedup=ceiling,

@@ -18,6 +18,7 @@ from ziya_jax.tree import flatten, unflatten
 
 STAGE1_LOSSES = ("itc", "itm", "itg")
 LM_LOSSES = ("lm",)
+FROZEN_DTYPES = ("", "float32", "bfloat16")
 
 
 @flax.struct.dataclass
@@ -42,10 +43,15 @@ class Stage:
     trainable: tuple[str, ...]
     loss_weights: tuple[tuple[str, float], ...]
     dec_token_id: int = -1  # the Q-Former tokenizer's [DEC]; needed when ITG is among the losses
+    # "" keeps the frozen parameters as loaded; "bfloat16" stores them in half the memory (they are only read,
+    # and a bfloat16 compute dtype rounds them to that on every use anyway).
+    frozen_dtype: str = ""
 
     def __post_init__(self):
         if any(k == "itg" for k, _ in self.loss_weights) and self.dec_token_id < 0:
             raise ValueError("ITG needs train.dec_token_id: the Q-Former tokenizer's [DEC] id")
+        if self.frozen_dtype not in FROZEN_DTYPES:
+            raise ValueError(f"train.frozen_dtype={self.frozen_dtype!r}; choose one of {FROZEN_DTYPES}")
 
     @classmethod
     def from_config(cls, train: ml_collections.ConfigDict) -> "Stage":
@@ -55,7 +61,7 @@ class Stage:
             raise ValueError(f"train.losses={dict(train.losses)}: use {STAGE1_LOSSES} (stage 1) or {LM_LOSSES}")
         if not train.trainable:
             raise ValueError("train.trainable is empty: nothing would train")
-        return cls(tuple(train.trainable), weights, train.get("dec_token_id", -1))
+        return cls(tuple(train.trainable), weights, train.get("dec_token_id", -1), train.get("frozen_dtype", ""))
 
 
 def init_state(params, stage: Stage, tx: optax.GradientTransformation, rng) -> TrainState:
@@ -63,6 +69,8 @@ def init_state(params, stage: Stage, tx: optax.GradientTransformation, rng) -> T
     trainable, frozen = (unflatten(d) for d in split(params, mask))
     if not trainable:
         raise ValueError(f"train.trainable={stage.trainable} matches no parameter")
+    if stage.frozen_dtype:
+        frozen = jax.tree.map(lambda p: p.astype(stage.frozen_dtype), frozen)
     return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
                       opt_state=tx.init(trainable), rng=rng)
 
