@@ -31,6 +31,9 @@ def main(argv=None) -> int:
     data.add_argument("--batches", type=int, default=20)
     data.add_argument("--steps", type=int, default=5)
     args = parser.parse_args(argv)
+    if args.name == "train" and args.frozen_dtype and args.dtype != "bfloat16":
+        parser.error("--frozen-dtype bfloat16 needs --dtype bfloat16 (without autocast PyTorch's layers would mix "
+                     "float32 inputs with bfloat16 weights)")
     # The train and decode benchmarks put ziya_jax and PyTorch on one accelerator: JAX must not take 75% of its
     # memory up front (set before jax is imported, which the benchmark modules do).
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
