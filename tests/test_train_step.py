@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from ziya_jax.checkpoint import load_model, save_model
 from ziya_jax.config import ModelConfig, load_config
 from ziya_jax.model import init_params
 from ziya_jax.sharding import DEFAULT_RULES, batch_sharding, make_mesh, param_shardings
@@ -75,7 +76,7 @@ def test_only_the_configured_parameters_train(arg, trainable):
     assert moved, "nothing trained"
 
 
-def test_frozen_parameters_kept_in_bfloat16_stay_put_and_give_the_same_loss():
+def test_frozen_parameters_kept_in_bfloat16_stay_put_and_give_the_same_loss(tmp_path):
     cfg = dataclasses.replace(tiny("variant=chat,stage=3"), dtype="bfloat16")
     trainable = ("qformer", "query_tokens", "language_projection", r".*/lora_[ab]")
     batch = instruction_batch(cfg)
@@ -88,6 +89,13 @@ def test_frozen_parameters_kept_in_bfloat16_stay_put_and_give_the_same_loss():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(before[path].astype(jnp.bfloat16)))
     # The compute dtype rounds every frozen weight to bfloat16 anyway; only the norms' float32 scales differ.
     np.testing.assert_allclose(float(metrics["loss"]), float(as_loaded["loss"]), rtol=1e-2)
+    # The stage's model keeps them in bf16; loading it gives the next stage float32 (its param_dtype) again.
+    save_model(str(tmp_path / "model"), state.params(), cfg)
+    loaded, _ = load_model(str(tmp_path / "model"))
+    for path, value in flatten(loaded).items():
+        assert value.dtype == jnp.float32, path
+        if path in flatten(state.frozen):
+            np.testing.assert_array_equal(np.asarray(value), np.asarray(before[path].astype(jnp.bfloat16)))
     with pytest.raises(ValueError, match="frozen_dtype"):
         Stage(trainable, (("lm", 1.0),), frozen_dtype="float16")
 
