@@ -28,8 +28,7 @@ setup(
         # Ground truth for the tests: transformers (PyTorch, CPU) on the same weights.
         "dev": ["pytest>=8", "torch==2.13.0", "transformers>=5.23,<6", "jax[tpu]"],
         # Compiling for TPU topologies on any host (python -m ziya_jax.compile), and running on TPU VMs. jax[tpu]
-        # pins the libtpu built for the installed jax: a newer libtpu beside jax 0.10.2 printed TPU warnings on
-        # every import and crashed jax.profiler (segfault).
+        # pins the libtpu built for the installed jax: libtpu 0.0.52 beside jax 0.10.2 crashed jax.profiler.
         "tpu": ["jax[tpu]"],
     },
 )
