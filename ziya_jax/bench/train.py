@@ -72,21 +72,19 @@ def jax_step(params, cfg, batch: dict, args):
     step = jax.jit(lambda s, b: train_step(s, b, cfg, stage, tx, logged_lr(opt)), donate_argnums=0)
     traced = step.trace(state, batch)
     compiled, flops = traced.lower().compile(), matmul_flops(traced.jaxpr.jaxpr)
-    state, metrics = compiled(state, batch)  # warm-up
-    first = float(metrics["loss"])
+
+    def run_step():
+        nonlocal state
+        state, metrics = compiled(state, batch)
+        return jax.block_until_ready(metrics)
+
+    first = float(run_step()["loss"])  # warm-up
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
+        run_step()
         times.append(time.perf_counter() - start)
-    summary = None
-    if args.profile:
-        def run_step():
-            nonlocal state
-            state, step_metrics = compiled(state, batch)
-            jax.block_until_ready(step_metrics)
-        summary = device_time(trace_events(run_step, args.steps, args.profile), args.steps)
+    summary = device_time(trace_events(run_step, args.steps, args.profile), args.steps) if args.profile else None
     return float(np.median(times)), flops, first, summary
 
 
