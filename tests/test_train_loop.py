@@ -154,16 +154,17 @@ def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(config_file, tm
     assert os.path.isdir(os.path.join(tmp_path, "checkpoints", "unreadable-4"))
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(config_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("first_bad", [4, 3])  # a step that saves, and one whose loss is read after the next starts
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(config_file, tmp_path, monkeypatch, first_bad):
     config = load_config(f"{config_file}:stage=2,steps=6,save_every=2")
     real_step = sharded.train_step
 
-    def poisoned(state, batch, **kwargs):  # the loss turns NaN from the 4th step on
+    def poisoned(state, batch, **kwargs):  # the loss turns NaN from step `first_bad` on
         new_state, metrics = real_step(state, batch, **kwargs)
-        return new_state, {**metrics, "loss": jnp.where(state.step < 3, metrics["loss"], jnp.nan)}
+        return new_state, {**metrics, "loss": jnp.where(state.step < first_bad - 1, metrics["loss"], jnp.nan)}
 
     monkeypatch.setattr(sharded, "train_step", poisoned)
-    with pytest.raises(loop.TrainingDiverged, match="step 4: loss nan"):
+    with pytest.raises(loop.TrainingDiverged, match=f"step {first_bad}: loss nan"):
         loop.run(config, str(tmp_path))
     assert saved_steps(tmp_path) == [2]
     assert not os.path.exists(os.path.join(tmp_path, "model"))

@@ -15,7 +15,8 @@ def main(argv=None) -> int:
     decode.add_argument("--small", action="store_true", help="a tiny model, to check the benchmark itself quickly")
     train = sub.add_parser("train", help="stage-3 LoRA train step vs a PyTorch reference, and MFU")
     train.add_argument("--batch", type=int, default=8)
-    train.add_argument("--steps", type=int, default=3, help="timed steps per side (median is reported)")
+    train.add_argument("--steps", type=int, default=3, help="timed steps per side, run back to back "
+                       "as a training loop runs them (their mean is reported)")
     train.add_argument("--small", action="store_true", help="a tiny model, to check the benchmark itself quickly")
     train.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                        help="compute dtype of both sides (weights and optimizer stay float32)")

@@ -17,11 +17,10 @@ from typing import Callable
 import jax
 
 
-def trace_events(run_step: Callable[[], None], steps: int, trace_dir: str) -> list[dict]:
-    """Run `run_step` (which must wait for its step) `steps` times under the profiler -> the trace's events."""
+def trace_events(run: Callable[[], None], trace_dir: str) -> list[dict]:
+    """Call `run` (which must wait for the work it starts) under the profiler -> the trace's events."""
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        for _ in range(steps):
-            run_step()
+        run()
     paths = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "perfetto_trace.json.gz")))
     if not paths:
         raise FileNotFoundError(f"jax.profiler wrote no perfetto_trace.json.gz under {trace_dir}")

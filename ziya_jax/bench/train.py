@@ -10,6 +10,8 @@ else on all CPU threads).
 --dtype bfloat16 computes both sides in bfloat16 with float32 weights and optimizer (ziya_jax: model.dtype; PyTorch:
 autocast); the default is float32 on both. --frozen-dtype bfloat16 also stores what does not train in bfloat16 on
 both sides.
+Step time: --steps steps dispatched back to back (as ziya_jax's loop and a PyTorch loop that does not read each
+loss run them), waited for once, divided by --steps.
 MFU = the step's matmul FLOPs (counted from the traced program, remat included) / step time / a square matmul's
 FLOP/s in the compute dtype, measured in the same run.
 """
@@ -73,19 +75,20 @@ def jax_step(params, cfg, batch: dict, args):
     traced = step.trace(state, batch)
     compiled, flops = traced.lower().compile(), matmul_flops(traced.jaxpr.jaxpr)
 
-    def run_step():
+    def run_steps(n: int) -> dict:
+        """n steps back to back, as a training loop dispatches them; waits for the last -> its metrics."""
         nonlocal state
-        state, metrics = compiled(state, batch)
+        for _ in range(n):
+            state, metrics = compiled(state, batch)
         return jax.block_until_ready(metrics)
 
-    first = float(run_step()["loss"])  # warm-up
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        run_step()
-        times.append(time.perf_counter() - start)
-    summary = device_time(trace_events(run_step, args.steps, args.profile), args.steps) if args.profile else None
-    return float(np.median(times)), flops, first, summary
+    first = float(run_steps(1)["loss"])  # warm-up
+    start = time.perf_counter()
+    run_steps(args.steps)
+    seconds = (time.perf_counter() - start) / args.steps
+    summary = device_time(trace_events(lambda: run_steps(args.steps), args.profile), args.steps) \
+        if args.profile else None
+    return seconds, flops, first, summary
 
 
 def torch_step(model, batch: dict, args, device: str):
@@ -118,15 +121,14 @@ def torch_step(model, batch: dict, args, device: str):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, opt.grad_clip)
         adamw.step()
-        return loss.detach().item()  # waits for the whole step on a GPU too (the copy follows it on the stream)
+        return loss.detach()
 
-    first = one_step()  # warm-up
-    times = []
+    first = one_step().item()  # warm-up; .item() waits for the whole step on a GPU too
+    start = time.perf_counter()
     for _ in range(args.steps):
-        start = time.perf_counter()
-        one_step()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), first
+        loss = one_step()
+    loss.item()
+    return (time.perf_counter() - start) / args.steps, first
 
 
 def add_torch_lora(model) -> None:

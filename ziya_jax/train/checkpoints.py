@@ -19,10 +19,14 @@ class Checkpoints:
         self.save_every = save_every
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
+    def due(self, step: int) -> bool:
+        """Whether `step` is a multiple of save_every. (Orbax's own interval would also save the first step of
+        every run.)"""
+        return step % self.save_every == 0
+
     def save(self, step: int, state, data_iterator, force: bool = False) -> bool:
-        """Saves when `step` is a multiple of save_every (or force); returns whether a save started. (Orbax's own
-        interval would also save the first step of every run.)"""
-        if not force and step % self.save_every:
+        """Saves when the step is due (or force); returns whether a save started."""
+        if not (force or self.due(step)):
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=grain.checkpoint.CheckpointSave(data_iterator))

@@ -204,6 +204,27 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
         reporter = Reporter(workdir, total, start, config.log_every, f"stage {config.stage}")
         stop = _SigtermFlag()
         compiled, peak, flops = None, 0.0, 0.0
+        pending, last_read = None, 0.0  # the dispatched step whose metrics are not read yet; when we last read
+
+        def finish(step: int, metrics, host_batch) -> None:
+            """Read a step's metrics (waiting for it), stop on a non-finite loss, report them. The step's time is
+            from the previous read: with the next step already queued, that is the rate the loop trains at."""
+            nonlocal last_read
+            metrics = _host_metrics(metrics)
+            now = time.perf_counter()
+            seconds, last_read = now - last_read, now
+            if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
+                checkpoints.wait()
+                raise TrainingDiverged(
+                    f"step {step}: loss {metrics['loss']}, grad norm {metrics['grad_norm']}; stopping. The last "
+                    f"good checkpoint (step {checkpoints.manager.latest_step()}) in {workdir} is untouched: "
+                    "lower the learning rate or check the data, then rerun to resume from it")
+            metrics.update(examples_per_s=count_examples(host_batch) * jax.process_count() / seconds,
+                           tokens_per_s=_count_tokens(host_batch) * jax.process_count() / seconds,
+                           mfu=flops / seconds / peak if peak else 0.0,
+                           skipped=float(sum(data_iter.skipped.values())))
+            reporter.step(step, metrics)
+
         try:
             for step in range(start + 1, total + 1):
                 host_batch = next(data_iter)
@@ -212,26 +233,25 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
                     traced = step_fn.trace(state, batch)
                     compiled, flops = traced.lower().compile(), matmul_flops(traced.jaxpr.jaxpr)
                     peak = peak_flops()[0] * jax.device_count()
-                t0 = time.perf_counter()
+                    last_read = time.perf_counter()
                 state, metrics = compiled(state, batch)
-                metrics = _host_metrics(metrics)
-                seconds = time.perf_counter() - t0
-                if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
-                    checkpoints.wait()
-                    raise TrainingDiverged(
-                        f"step {step}: loss {metrics['loss']}, grad norm {metrics['grad_norm']}; stopping. The last "
-                        f"good checkpoint (step {checkpoints.manager.latest_step()}) in {workdir} is untouched: "
-                        "lower the learning rate or check the data, then rerun to resume from it")
-                metrics.update(examples_per_s=count_examples(host_batch) * jax.process_count() / seconds,
-                               tokens_per_s=_count_tokens(host_batch) * jax.process_count() / seconds,
-                               mfu=flops / seconds / peak if peak else 0.0,
-                               skipped=float(sum(data_iter.skipped.values())))
-                reporter.step(step, metrics)
-                checkpoints.save(step, state, data_iter, force=stop.raised or step == total)
-                if stop.raised:
+                # The previous step's metrics are read only now, with this step queued behind it, so the device
+                # does not wait while the host prepares the next batch and logs.
+                if pending:
+                    finish(*pending)
+                pending = (step, metrics, host_batch)
+                stopping = stop.raised  # read once: SIGTERM may arrive at any moment
+                save = stopping or step == total or checkpoints.due(step)
+                evaluate_now = config.eval.every and step % config.eval.every == 0 and step < total
+                if save or evaluate_now:  # only a step whose loss was read finite is saved
+                    finish(*pending)
+                    pending = None
+                if save:
+                    checkpoints.save(step, state, data_iter, force=True)
+                if stopping:
                     checkpoints.wait()
                     raise Preempted(f"SIGTERM at step {step}: saved; rerun the same command to resume")
-                if config.eval.every and step % config.eval.every == 0 and step < total:
+                if evaluate_now:
                     scores = _flat_scores(evaluate(config, state.params(), cfg, tok, qtok))
                     reporter.scalars(step, "eval", scores)
                     reporter.write(f"eval at step {step}: " + " ".join(f"{k}={v:.1f}" for k, v in scores.items()
