@@ -1,4 +1,5 @@
-"""The bench's profile summary: a real jax.profiler trace is read back, and device timelines are summed per step."""
+"""The bench's profile summary: a real jax.profiler trace is read back with the CPU's XLA ops, and timelines are
+summed per step, nested events counted once."""
 import jax
 import jax.numpy as jnp
 import pytest
@@ -6,13 +7,15 @@ import pytest
 from ziya_jax.bench.trace import device_time, trace_events
 
 
-def test_a_real_trace_is_read_and_has_no_device_timelines_on_cpu(tmp_path):
-    step = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+def test_a_real_cpu_trace_has_the_step_ops(tmp_path):
+    step = jax.jit(lambda x, w: jnp.tanh(x @ w) @ w)
     x = jnp.ones((64, 64))
-    step(x).block_until_ready()
-    events = trace_events(lambda: [step(x) for _ in range(2)][-1].block_until_ready(), str(tmp_path))
-    assert any(e.get("ph") == "X" for e in events)  # the host's events are there
-    assert device_time(events, 2) == {"timelines": {}, "top": []}
+    step(x, x).block_until_ready()
+    events = trace_events(lambda: [step(x, x) for _ in range(2)][-1].block_until_ready(), str(tmp_path))
+    summary = device_time(events, 2)
+    assert summary["timelines"], "no XLA op events in the CPU trace"
+    assert all(t["events"] >= 1 and 0 < t["busy_s"] < 1 for t in summary["timelines"].values())
+    assert sum(op["calls"] for op in summary["top"]) >= 2  # two products (the tanh fused into one of them)
 
 
 def _meta(kind, pid, name, tid=0):
@@ -21,13 +24,18 @@ def _meta(kind, pid, name, tid=0):
 
 def test_device_timelines_are_summed_per_step_and_ops_ranked():
     events = [_meta("process_name", 1, "/device:GPU:0"), _meta("thread_name", 1, "Stream #7(Compute)", 7),
-              _meta("process_name", 2, "/host:CPU"),
+              _meta("process_name", 2, "/host:CPU"), _meta("thread_name", 2, "pool", 4),
               {"ph": "X", "pid": 1, "tid": 7, "name": "gemm", "ts": 0, "dur": 30.0},
               {"ph": "X", "pid": 1, "tid": 7, "name": "fusion", "ts": 40, "dur": 10.0},
               {"ph": "X", "pid": 1, "tid": 7, "name": "gemm", "ts": 60, "dur": 50.0},
-              {"ph": "X", "pid": 2, "tid": 3, "name": "launch", "ts": 0, "dur": 500.0}]  # host: not counted
+              {"ph": "X", "pid": 2, "tid": 3, "name": "launch", "ts": 0, "dur": 500.0},  # host: not counted
+              # XLA CPU ops: a while loop holding a body op, which is not counted twice in the busy time
+              {"ph": "X", "pid": 2, "tid": 4, "name": "while", "ts": 0, "dur": 100.0, "args": {"hlo_op": "while"}},
+              {"ph": "X", "pid": 2, "tid": 4, "name": "dot", "ts": 20, "dur": 30.0, "args": {"hlo_op": "dot"}}]
     summary = device_time(events, steps=2)
-    timeline = "/device:GPU:0 Stream #7(Compute)"
-    assert summary["timelines"] == {timeline: {"busy_s": pytest.approx(45e-6), "events": 1.5}}
-    assert [(op["name"], op["calls"]) for op in summary["top"]] == [("gemm", 1.0), ("fusion", 0.5)]
-    assert summary["top"][0]["s"] == pytest.approx(40e-6)
+    gpu, cpu = "/device:GPU:0 Stream #7(Compute)", "/host:CPU pool"
+    assert summary["timelines"] == {gpu: {"busy_s": pytest.approx(45e-6), "events": 1.5},
+                                    cpu: {"busy_s": pytest.approx(50e-6), "events": 1.0}}
+    assert [(op["name"], op["calls"]) for op in summary["top"]] == [("while", 0.5), ("gemm", 1.0), ("dot", 0.5),
+                                                                     ("fusion", 0.5)]
+    assert summary["top"][1]["s"] == pytest.approx(40e-6)

@@ -1,9 +1,9 @@
-"""Where a compiled step's time goes on an accelerator: a jax.profiler trace of a few steps, summed per op.
+"""Where a compiled step's time goes: a jax.profiler trace of a few steps, summed per op.
 
-Reads the Perfetto JSON that `jax.profiler.trace(create_perfetto_trace=True)` writes. Its device timelines are the
-processes named /device:... (one thread per GPU stream or TPU core line); a timeline's busy time per step against
-the step's wall time tells kernel-bound from launch-bound. XLA on a CPU traces no per-op events, so there the
-summary has no device timelines.
+Reads the Perfetto JSON that `jax.profiler.trace(create_perfetto_trace=True)` writes. An accelerator's timelines
+are the processes named /device:... (one thread per GPU stream or TPU core line); XLA on a CPU traces its ops as
+events with an `hlo_op` argument on the host threads that ran them. A timeline's busy time per step against the
+step's wall time tells kernel-bound from launch-bound.
 """
 from __future__ import annotations
 
@@ -29,31 +29,40 @@ def trace_events(run: Callable[[], None], trace_dir: str) -> list[dict]:
 
 
 def device_time(events: list[dict], steps: int, top: int = 15) -> dict:
-    """Per step: each device timeline's busy seconds and event count, and the `top` (timeline, name) pairs by
-    time. Events on one timeline do not overlap (a stream runs one kernel at a time), so their durations add."""
+    """Per step: each timeline's busy seconds (the union of its op events, which may nest: a CPU while loop holds
+    its body's ops) and op count, and the `top` (timeline, name) pairs by summed duration."""
     processes = {e["pid"]: e["args"]["name"] for e in events
                  if e.get("ph") == "M" and e.get("name") == "process_name"}
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    busy, count, per_op = collections.Counter(), collections.Counter(), collections.Counter()
-    op_count = collections.Counter()
+    spans, per_op, op_count = collections.defaultdict(list), collections.Counter(), collections.Counter()
     for e in events:
-        if e.get("ph") != "X" or not processes.get(e["pid"], "").startswith("/device:"):
+        on_device = processes.get(e.get("pid"), "").startswith("/device:")
+        if e.get("ph") != "X" or not (on_device or "hlo_op" in e.get("args", {})):
             continue
-        timeline = f"{processes[e['pid']]} {threads.get((e['pid'], e['tid']), e['tid'])}"
-        seconds = e.get("dur", 0.0) * 1e-6  # Chrome trace times are microseconds
-        busy[timeline] += seconds
-        count[timeline] += 1
-        per_op[timeline, e["name"]] += seconds
+        timeline = f"{processes.get(e['pid'], e['pid'])} {threads.get((e['pid'], e['tid']), e['tid'])}"
+        spans[timeline].append((e["ts"], e["ts"] + e.get("dur", 0.0)))  # Chrome trace times are microseconds
+        per_op[timeline, e["name"]] += e.get("dur", 0.0) * 1e-6
         op_count[timeline, e["name"]] += 1
-    return {"timelines": {t: {"busy_s": busy[t] / steps, "events": count[t] / steps} for t in sorted(busy)},
+    return {"timelines": {t: {"busy_s": _covered(spans[t]) * 1e-6 / steps, "events": len(spans[t]) / steps}
+                          for t in sorted(spans)},
             "top": [{"timeline": t, "name": n, "s": s / steps, "calls": op_count[t, n] / steps}
                     for (t, n), s in per_op.most_common(top)]}
 
 
+def _covered(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
 def print_device_time(summary: dict, step_s: float) -> None:
     if not summary["timelines"]:
-        print("profile: the trace has no device timelines (XLA on a CPU traces no per-op events)")
+        print("profile: the trace has no XLA op events")
         return
     print(f"profile, per step of {step_s * 1e3:.2f} ms:")
     for timeline, t in summary["timelines"].items():
