@@ -206,7 +206,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
         compiled, peak, flops = None, 0.0, 0.0
         pending, last_read = None, 0.0  # the dispatched step whose metrics are not read yet; when we last read
 
-        def finish(step: int, metrics, host_batch) -> None:
+        def finish(step: int, metrics, host_batch, skipped: float) -> None:
             """Read a step's metrics (waiting for it), stop on a non-finite loss, report them. The step's time is
             from the previous read: with the next step already queued, that is the rate the loop trains at."""
             nonlocal last_read
@@ -222,12 +222,13 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
             metrics.update(examples_per_s=count_examples(host_batch) * jax.process_count() / seconds,
                            tokens_per_s=_count_tokens(host_batch) * jax.process_count() / seconds,
                            mfu=flops / seconds / peak if peak else 0.0,
-                           skipped=float(sum(data_iter.skipped.values())))
+                           skipped=skipped)
             reporter.step(step, metrics)
 
         try:
             for step in range(start + 1, total + 1):
                 host_batch = next(data_iter)
+                skipped = float(sum(data_iter.skipped.values()))  # by the data layer, up to this batch
                 batch = global_batch(host_batch, mesh, rules)
                 if compiled is None:
                     traced = step_fn.trace(state, batch)
@@ -239,7 +240,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
                 # does not wait while the host prepares the next batch and logs.
                 if pending:
                     finish(*pending)
-                pending = (step, metrics, host_batch)
+                pending = (step, metrics, host_batch, skipped)
                 stopping = stop.raised  # read once: SIGTERM may arrive at any moment
                 save = stopping or step == total or checkpoints.due(step)
                 evaluate_now = config.eval.every and step % config.eval.every == 0 and step < total
