@@ -87,7 +87,7 @@ class Dense(nn.Module):
             b = self.param("lora_b", logical(nn.initializers.zeros, (None, self.axes[1])), (r, self.features),
                            self.param_dtype)
             h = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
-            y = y + (h @ a.astype(self.dtype) @ b.astype(self.dtype)) * (self.lora.alpha / r)
+            y = y + matmul(matmul(h, a.astype(self.dtype)) * (self.lora.alpha / r), b.astype(self.dtype))
         return y
 
 
