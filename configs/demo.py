@@ -83,6 +83,7 @@ def model_config(variant: str) -> dict:
                  max_position_embeddings=256, initializer_range=0.0625),
         num_query_tokens=8,
         image_token_id=640,
+        instruction_len=QFORMER_INSTRUCTION_LEN,
         scan_unroll=4,  # every tower's layers as straight-line code: a stage-2 step is 13% faster here
     )
 
@@ -115,9 +116,9 @@ def stage_config(stage: int, variant: str, lora_rank: int) -> ml_collections.Con
     mixture = [dict(train_split, task="caption", weight=1.0)] if stage == 1 else \
         [dict(train_split, task=t, weight=w) for t, w in MIXTURE[stage]]
     rows = dict(batch_size=32, text_len=64, max_images=1) if stage == 1 else PACKED_ROWS
-    config.data = dict(tokenizers="demo", sources=mixture, **rows,
-                       qformer_text_len=32 if stage == 1 else QFORMER_INSTRUCTION_LEN if variant == "chat" else 0,
-                       num_workers=0, seed=stage)
+    config.data = dict(tokenizers="demo", sources=mixture, **rows, num_workers=0, seed=stage)
+    if stage == 1:
+        config.data.qformer_text_len = 32  # BLIP-2's caption length; Chat's instruction is model.instruction_len
     config.train = dict(
         trainable=TRAINABLE[stage] + (QFORMER if stage == 2 and variant == "chat" else ()),
         losses=dict(itc=1.0, itm=1.0, itg=1.0) if stage == 1 else dict(lm=1.0),

@@ -20,6 +20,7 @@ def get_config(arg=None):
         llm=dict(vocab_size=128, width=32, depth=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64),
         num_query_tokens=4,
         image_token_id=127,
+        instruction_len=16,
     )
     config = ml_collections.ConfigDict()
     config.stage = args["stage"]

@@ -44,11 +44,12 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.stage = args["stage"]
     config.model = for_stage(model, args["stage"], LORA_TARGETS, args["lora_rank"])
-    stage1, chat = args["stage"] == 1, args["variant"] == "chat"
+    stage1 = args["stage"] == 1
     # Global batch and sequence lengths: BLIP-2 captions are 32 Q-Former tokens; instruction rows hold the
-    # 32 image queries and the conversation; the Chat Q-Former reads up to 128 instruction tokens.
-    config.data = dict(batch_size=64, text_len=512, max_images=1,
-                       qformer_text_len=32 if stage1 else (128 if chat else 0))
+    # 32 image queries and the conversation; the Chat Q-Former reads model.instruction_len (128) tokens.
+    config.data = dict(batch_size=64, text_len=512, max_images=1)
+    if stage1:
+        config.data.qformer_text_len = 32
     config.train = dict(
         trainable=trainable(args["stage"], args["variant"]),
         losses=dict(itc=1.0, itm=1.0, itg=1.0) if stage1 else dict(lm=1.0),

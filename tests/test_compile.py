@@ -74,7 +74,7 @@ from ziya_jax.train.optimizer import default_optimizer
 
 def get_config(arg=None):
     config = load_config("configs/tiny.py:variant=chat,stage=3")
-    config.data = dict(batch_size=8, text_len=16, max_images=1, qformer_text_len=8)
+    config.data = dict(batch_size=8, text_len=16, max_images=1)
     config.train = dict(trainable=("qformer", "query_tokens", "language_projection", r".*/lora_[ab]"),
                         losses=dict(lm=1.0), optimizer=default_optimizer())
     return config

@@ -68,6 +68,11 @@ def test_images_without_placeholders_go_first(tok):
     assert not row["loss_mask"][:2 * Q].any()
 
 
+def test_images_the_text_does_not_place_go_first(tok):
+    conv = formats.place_images(Conversation((Turn("What is it?", "a"), Turn("<image>And this?", "b"))), 2)
+    assert conv.prefix == formats.IMAGE and conv.turns[1].query == "<image>And this?"
+
+
 def test_multi_image_placeholders_expand_in_place(tok):
     turns = (Turn("<image>\nCompare with <image>.", "same"), Turn("And <image>?", "different"))
     row, images = encode(Conversation(turns), tok)

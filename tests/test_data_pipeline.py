@@ -65,7 +65,7 @@ def tiny_model(toks):
     model = load_config("configs/tiny.py:variant=chat").model.to_dict()
     model["llm"] = dict(model["llm"], vocab_size=tok.vocab_size + 1)
     model["qformer"] = dict(model["qformer"], vocab_size=qtok.vocab_size)
-    return ModelConfig.from_dict(dict(model, image_token_id=tok.vocab_size, num_query_tokens=Q))
+    return ModelConfig.from_dict(dict(model, image_token_id=tok.vocab_size, num_query_tokens=Q, instruction_len=24))
 
 
 def two_images():
@@ -135,7 +135,7 @@ def test_packed_rows_hold_the_same_examples_and_give_the_same_logits(toks):
     keys = ("input_ids", "attention_mask", "pixel_values", "qformer_ids", "qformer_mask", "positions")
     forward = jax.jit(lambda p, b, seg: ZiyaVisual(cfg).apply({"params": p}, *(b.get(k) for k in keys),
                                                               segment_ids=seg))
-    data = ml_collections.ConfigDict(dict(batch_size=n, text_len=t, max_images=3, qformer_text_len=24, pack=True))
+    data = ml_collections.ConfigDict(dict(batch_size=n, text_len=t, max_images=3, pack=True))
     for batch in packed:
         assert batch_shapes(data, cfg, stage1=False) == {k: (v.shape, v.dtype) for k, v in batch.items()}
         assert batch["qformer_ids"].shape == (n, 3, 24)
@@ -288,7 +288,7 @@ BAD_ENTRIES = {  # reason -> manifest entry
     errors.EMPTY_TEXT: {"image": "good.png", "answer": "  "},
     errors.TEXT_TOO_LONG: {"image": "good.png", "question": "long " * 200},
     errors.UNKNOWN_TASK: {"image": "good.png", "task": "ocr"},
-    errors.IMAGE_COUNT_MISMATCH: {"image": ["good.png", "gray.png"], "question": "<image> where is the other?"},
+    errors.IMAGE_COUNT_MISMATCH: {"image": "good.png", "question": "<image> or <image>: which is brighter?"},
     errors.TOO_MANY_IMAGES: {"image": ["good.png", "gray.png", "pal.png"]},
     errors.BAD_ANNOTATION: {"image": "good.png", "task": "grounding", "phrase": "x", "box": [5, 5, 1, 1]},
 }
@@ -331,7 +331,7 @@ def test_every_bad_input_is_skipped_and_counted(toks, image_dir, tmp_path):
     src = ManifestSource(write_manifest(tmp_path / "m.jsonl", entries, junk_line=True), image_dir)
     assert list(src.invalid) == [f"{tmp_path / 'm.jsonl'}:2"]
     out, it = batches([Source(src)], toks, batch_size=1, num_epochs=1, shuffle=False, text_len=64)
-    assert it.skipped == {reason: 1 for reason in BAD_ENTRIES}
+    assert it.skipped == {reason: 1 for reason in BAD_ENTRIES} | {errors.INVALID_ENTRY: 1}  # the line not JSON
     assert len(out) == len(GOOD) + 1
     assert [b["image_mask"][0].tolist() for b in out] == [[1, 0]] * len(GOOD) + [[1, 1]]
     want = images.to_pixels(images.open_rgb(str(image_dir / "rgba.png")), 28)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_evaluate_datasets import DATA, make_images
 
-from ziya_jax.chat import load_tokenizers
+from ziya_jax.data.tokenizers import load_tokenizers
 from ziya_jax.checkpoint import load_model, save_model
 from ziya_jax.config import ModelConfig, load_config
 from ziya_jax.data import formats, synthetic
@@ -82,7 +82,7 @@ def test_batched_generation_equals_one_prompt_at_a_time(model, synthetic_results
     prompts = [inference.Prompt(q, rng.standard_normal((28, 28, 3)).astype(np.float32))
                for q in ("What is this?", "Is it red?", "请描述图片。", "Where?", "How many?")]
     gen = inference.Generator(params, cfg, tok, qtok, batch_size=BATCH, bucket=32)
-    assert len({len(gen.prompt_ids(p.query)) for p in prompts}) > 1  # the batch really left-pads
+    assert len({len(gen.inputs(p, 0)["input_ids"]) for p in prompts}) > 1  # the batch really left-pads
     dc = DecodeConfig(max_new_tokens=_decode_lengths(tok, synthetic_results)["short"])
     batched = gen(prompts, dc)  # 2 batches, the second padded with repeated rows
     assert batched == [gen([p], dc)[0] for p in prompts]

@@ -1,109 +1,229 @@
-"""The generate and chat CLIs on a tiny Chat model with the demo tokenizers."""
+"""generate and chat, run as a user runs them, against an independent reference; chat's input against the
+data pipeline's for the same conversation.
+
+The model is a tiny Chat model whose Q-Former has fewer positions (24) than InstructBLIP's instruction budget
+(128), with an instruction length of its own (20): no path may read past the position table. Its LLM context is
+128 tokens, so that a chat outgrows it. It is untrained, with a large LM head so that greedy answers depend on the input."""
 import dataclasses
 import io
 import json
+import os
+import subprocess
+import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from ziya_jax.chat import ChatSession, load_tokenizers
-from ziya_jax.chat import main as chat_main
+from ziya_jax.chat import ChatSession
 from ziya_jax.checkpoint import save_model
 from ziya_jax.config import ModelConfig, load_config
-from ziya_jax.data import formats
-from ziya_jax.data.images import open_rgb, to_pixels
+from ziya_jax.data import formats, pipeline
+from ziya_jax.data.images import load_image
 from ziya_jax.data.synthetic import train_demo_tokenizers
-from ziya_jax.decode import DecodeConfig, generate
-from ziya_jax.generate import main as generate_main
-from ziya_jax.model import init_params
+from ziya_jax.data.tokenizers import load_tokenizers
+from ziya_jax.decode import DecodeConfig
+from ziya_jax.evaluate.inference import Generator, Prompt
+from ziya_jax.model import ZiyaVisual, init_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUESTION = "What colour is the circle?"
+NEW_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    train_demo_tokenizers(str(root / "tok"))
-    tok, qtok = load_tokenizers(str(root / "tok"))
+    train_demo_tokenizers(str(root / "ckpt_tok"))
+    tok, qtok = load_tokenizers(str(root / "ckpt_tok"))
     base = ModelConfig.from_dict(load_config("configs/tiny.py:variant=chat,stage=2").model.to_dict())
     cfg = dataclasses.replace(
-        base, image_token_id=tok.vocab_size, qformer=dataclasses.replace(base.qformer, vocab_size=qtok.vocab_size),
-        llm=dataclasses.replace(base.llm, vocab_size=tok.vocab_size + 1, eos_token_id=tok.eos_id))
+        base, image_token_id=tok.vocab_size, instruction_len=20,
+        qformer=dataclasses.replace(base.qformer, vocab_size=qtok.vocab_size, max_position_embeddings=24),
+        llm=dataclasses.replace(base.llm, vocab_size=tok.vocab_size + 1, eos_token_id=tok.eos_id,
+                                max_position_embeddings=128))
     params = init_params(cfg, jax.random.key(0))
-    # Large random LM head so greedy answers vary with the input instead of collapsing to one token.
     params["language_model"]["lm_head"]["kernel"] = params["language_model"]["lm_head"]["kernel"] * 50
     save_model(str(root / "ckpt"), params, cfg)
+    os.rename(root / "ckpt_tok", root / "ckpt" / "tokenizer")  # where the CLIs look by default
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(root / "img.png")
+    for name in ("img.png", "img2.png"):
+        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(root / name)
     return root, params, cfg, tok, qtok
 
 
-def test_generate_prompt_matches_library(setup, capsys):
+def reference_greedy(params, cfg, tok, qtok, pixels, question, steps):
+    """Greedy answer by full forward passes (no KV cache) on a prompt and instruction written out by hand:
+    the image's queries, then `<human>:{question}\\n<bot>:`; the instruction `[CLS] question [SEP]`.
+    -> (token ids, whether every logit was finite)."""
+    ids = [cfg.image_token_id] * cfg.num_query_tokens + tok.encode(f"<human>:{question}\n<bot>:")
+    body = qtok.encode(question)[-(cfg.instruction_len - 2):]
+    q = np.asarray([[qtok.cls_id, *body, qtok.sep_id]], np.int32)
+    forward = jax.jit(lambda p, i: ZiyaVisual(cfg).apply({"params": p}, i, jnp.ones_like(i), pixels[None, None], q,
+                                                         jnp.ones_like(q)))
+    out, finite = [], True
+    for _ in range(steps):
+        logits = forward(params, jnp.asarray([ids + out], jnp.int32))
+        finite &= bool(jnp.isfinite(logits).all())
+        out.append(int(jnp.argmax(logits[0, -1])))
+        if out[-1] == tok.eos_id:
+            break
+    return out, finite
+
+
+def run(module, *args, stdin=None):
+    done = subprocess.run([sys.executable, "-m", f"ziya_jax.{module}", *args], input=stdin, capture_output=True,
+                          text=True, cwd=ROOT, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    return done
+
+
+def test_generate_chat_and_evaluation_answer_as_the_reference(setup):
     root, params, cfg, tok, qtok = setup
-    argv = ["--checkpoint", str(root / "ckpt"), "--tokenizer", str(root / "tok"), "--image", str(root / "img.png"),
-            "--prompt", "What colour is the circle?", "--max-new-tokens", "6", "--json"]
-    assert generate_main(argv) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    pixels = load_image(str(root / "img.png"), cfg.vision.image_size)
+    want, finite = reference_greedy(params, cfg, tok, qtok, pixels, QUESTION, NEW_TOKENS)
+    assert finite
+    answer = tok.decode([t for t in want if t != tok.eos_id])
+    assert answer.strip(), "the untrained model's answer should not be empty for this check to mean anything"
 
-    pixels = to_pixels(open_rgb(str(root / "img.png")), cfg.vision.image_size)
-    ids = formats.encode_prompt([], formats.IMAGE + "What colour is the circle?", tok, cfg.image_token_id,
-                                cfg.num_query_tokens)
-    q = formats.encode_qformer_text("What colour is the circle?", qtok, 128)
-    dc = DecodeConfig(max_new_tokens=6, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    tokens, lengths = generate(params, cfg, np.asarray([ids]), None, pixels[None, None], q["ids"][None],
-                               q["mask"][None], dc=dc)
-    assert out["token_ids"] == [int(t) for t in tokens[0, :lengths[0]]]
-    assert out["answer"] == tok.decode([t for t in out["token_ids"] if t != tok.eos_id])
+    gen = run("generate", "--checkpoint", str(root / "ckpt"), "--image", str(root / "img.png"), "--prompt", QUESTION,
+              "--max-new-tokens", str(NEW_TOKENS), "--json")
+    assert gen.returncode == 0, gen.stderr
+    assert json.loads(gen.stdout.strip().splitlines()[-1])["token_ids"] == want
+
+    chat = run("chat", "--checkpoint", str(root / "ckpt"), "--greedy", "--repetition-penalty", "1",
+               "--max-new-tokens", str(NEW_TOKENS), stdin=f"/image {root / 'img.png'}\n{QUESTION}\n")
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.splitlines()[1:] == ["(image 1 added)", answer]
+
+    evaluated = Generator(params, cfg, tok, qtok, batch_size=2)([Prompt(QUESTION, pixels)],
+                                                                DecodeConfig(max_new_tokens=NEW_TOKENS))
+    assert evaluated == [answer.strip()]
 
 
-def test_generate_raw_ids_and_npy_pixels(setup, capsys, tmp_path):
+def pipeline_row(turns, image_paths, cfg, tok, qtok):
+    """The data pipeline's row for a LLaVA-format record of these turns (unpadded, one row)."""
+    messages = [m for t in turns for m in ({"from": "human", "value": t.query}, {"from": "gpt", "value": t.answer})]
+    record = {"id": "c", "images": image_paths, "annotation": {"conversations": messages}}
+    dcfg = pipeline.DataConfig(batch_size=1, text_len=cfg.llm.max_position_embeddings, max_images=len(image_paths),
+                               image_size=cfg.vision.image_size, num_query_tokens=cfg.num_query_tokens,
+                               image_token_id=cfg.image_token_id, qformer_text_len=cfg.instruction_len,
+                               shuffle=False, num_epochs=1, strict=True)
+    (batch,) = list(pipeline.instruction_batches([pipeline.Source([record], "conversation")], dcfg, tok, qtok))
+    return {k: v[0] for k, v in batch.items()}
+
+
+def test_chat_turn_by_turn_gives_the_model_the_pipeline_input(setup):
+    root, params, cfg, tok, qtok = setup
+    session = ChatSession(params, cfg, tok, qtok, DecodeConfig(max_new_tokens=4, min_new_tokens=2))
+    images = [str(root / "img.png"), str(root / "img2.png")]
+    script = [(images[0], "What is in the picture?"), (None, "这是什么颜色？"), (images[1], "And in this one?")]
+    given = []
+    for image, question in script:
+        if image:
+            session.add_image(image)
+            given.append(image)
+        arrays, pixels, dropped = session.model_input(question)
+        answer = session.ask(question)
+        assert dropped == 0 and answer.text.strip()
+        row = pipeline_row(session.turns, given, cfg, tok, qtok)
+        n = len(arrays["input_ids"])
+        prompt_end = np.flatnonzero(row["loss_mask"])[-len(tok.encode(answer.text)) - 1]  # the last answer starts
+        np.testing.assert_array_equal(arrays["input_ids"], row["input_ids"][:prompt_end])
+        assert n == prompt_end
+        np.testing.assert_array_equal(arrays["qformer_ids"], row["qformer_ids"])
+        np.testing.assert_array_equal(arrays["qformer_mask"], row["qformer_mask"])
+        np.testing.assert_array_equal(np.stack(pixels), row["pixel_values"][:len(pixels)])
+    # The second image entered at the third question: two placeholder runs, in two places.
+    assert session.turns[2].query.startswith(formats.IMAGE) and not session.turns[0].query.startswith(formats.IMAGE)
+
+
+def test_a_long_chat_drops_its_oldest_turns_and_says_so(setup):
+    root, params, cfg, tok, qtok = setup
+    question = "Describe every object in the picture in as much detail as you can, please. " * 2
+    lines = [f"/image {root / 'img.png'}"] + [question] * 8
+    chat = run("chat", "--checkpoint", str(root / "ckpt"), "--greedy", "--max-new-tokens", "24",
+               "--min-new-tokens", "24", stdin="\n".join(lines) + "\n")
+    assert chat.returncode == 0, chat.stderr
+    notes = [line for line in chat.stdout.splitlines() if line.startswith("(the conversation outgrew")]
+    assert notes and "1 image(s)" in notes[0] and "error" not in chat.stdout
+    # Each later question still gets an answer: no error loop.
+    assert len([line for line in chat.stdout.splitlines() if line and not line.startswith("(")]) >= 8
+
+
+def test_chat_refuses_a_question_that_cannot_fit_and_carries_on(setup):
+    root = setup[0]
+    huge = "word " * 400
+    chat = run("chat", "--checkpoint", str(root / "ckpt"), "--greedy", "--max-new-tokens", "4",
+               stdin=f"/image {root / 'img.png'}\n{huge}\nHello\n")
+    assert chat.returncode == 0 and "Traceback" not in chat.stderr
+    out = chat.stdout.splitlines()
+    assert out[2].startswith("error: the question needs") and "context is" in out[2]
+    assert out[3] and not out[3].startswith("error")
+
+
+def test_generate_raw_ids_and_npy_pixels(setup, tmp_path):
     root, params, cfg, tok, qtok = setup
     pixels = np.random.default_rng(1).normal(size=(3, 28, 28)).astype(np.float32)  # HF layout
     np.save(tmp_path / "px.npy", pixels)
-    argv = ["--checkpoint", str(root / "ckpt"), "--image", str(tmp_path / "px.npy"), "--input-ids", "5,6,7",
-            "--qformer-input-ids", "4,9", "--max-new-tokens", "5", "--num-beams", "2", "--json"]
-    assert generate_main(argv) == 0
-    got = json.loads(capsys.readouterr().out.strip())["token_ids"]
-    ids = np.asarray([[cfg.image_token_id] * cfg.num_query_tokens + [5, 6, 7]])
-    dc = DecodeConfig(max_new_tokens=5, num_beams=2, eos_token_id=cfg.llm.eos_token_id,
-                      pad_token_id=cfg.llm.pad_token_id)
-    tokens, lengths = generate(params, cfg, ids, None, pixels.transpose(1, 2, 0)[None, None],
-                               np.asarray([[4, 9]]), np.ones((1, 2), np.int32), dc=dc)
-    assert got == [int(t) for t in tokens[0, :lengths[0]]]
+    gen = run("generate", "--checkpoint", str(root / "ckpt"), "--image", str(tmp_path / "px.npy"),
+              "--input-ids", "5,6,7", "--qformer-input-ids", "4,9", "--max-new-tokens", "5", "--json")
+    assert gen.returncode == 0, gen.stderr
+    got = json.loads(gen.stdout.strip())["token_ids"]
+    ids = [cfg.image_token_id] * cfg.num_query_tokens + [5, 6, 7]
+    q = np.asarray([[4, 9]], np.int32)
+    forward = jax.jit(lambda p, i: ZiyaVisual(cfg).apply({"params": p}, i, jnp.ones_like(i),
+                                                         pixels.transpose(1, 2, 0)[None, None], q, jnp.ones_like(q)))
+    want = []
+    for _ in range(5):
+        want.append(int(jnp.argmax(forward(params, jnp.asarray([ids + want]))[0, -1])))
+        if want[-1] == cfg.llm.eos_token_id:
+            break
+    assert got == want
 
 
 @pytest.mark.parametrize("extra,message", [
     (["--image", "/nonexistent.png", "--prompt", "hi"], "cannot read image"),
-    (["--prompt", "hi", "--max-new-tokens", "100000"], "exceeds the model's context"),
+    (["--prompt", "hi", "--max-new-tokens", "100000"], "context is"),
     (["--input-ids", "1,x"], "comma-separated integers"),
+    (["--input-ids", "1,99999", "--qformer-input-ids", "1"], "token ids must be in [0, "),
+    (["--input-ids=-3,1", "--qformer-input-ids", "1"], "token ids must be in [0, "),
+    (["--input-ids", "1", "--qformer-input-ids", "1,99999"], "Q-Former ids must be in [0, "),
+    (["--image", "NAN", "--input-ids", "1", "--qformer-input-ids", "1"], "NaN or infinite"),
+    (["--prompt", b"caf\xe9".decode("utf-8", "surrogateescape")], "not valid UTF-8"),
 ])
-def test_generate_bad_input_is_a_message(setup, capsys, extra, message):
+def test_generate_bad_input_is_one_line(setup, tmp_path, extra, message):
     root = setup[0]
-    assert generate_main(["--checkpoint", str(root / "ckpt"), "--tokenizer", str(root / "tok"), *extra]) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    np.save(tmp_path / "nan.npy", np.full((28, 28, 3), np.nan, np.float32))
+    extra = [str(tmp_path / "nan.npy") if a == "NAN" else a for a in extra]
+    done = subprocess.run([sys.executable, "-m", "ziya_jax.generate", "--checkpoint", str(root / "ckpt"), *extra],
+                          capture_output=True, cwd=ROOT, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    err = done.stderr.decode("utf-8", "replace")
+    assert done.returncode == 2 and message in err and "Traceback" not in err, err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
 
 
-def test_chat_streams_multi_turn_multi_image(setup):
+def test_chat_says_invalid_utf8_and_keeps_the_conversation(setup):
+    root = setup[0]
+    stdin = f"/image {root / 'img.png'}\n".encode() + b"caf\xe9?\n" + b"Hello\n"
+    done = subprocess.run([sys.executable, "-m", "ziya_jax.chat", "--checkpoint", str(root / "ckpt"), "--greedy",
+                           "--max-new-tokens", "3"], input=stdin, capture_output=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    out = done.stdout.decode().splitlines()
+    assert done.returncode == 0 and out[1] == "(image 1 added)"
+    assert out[2].startswith("error: that line is not valid UTF-8") and out[3] and not out[3].startswith("error")
+
+
+def test_chat_in_process_resets(setup):
     root, params, cfg, tok, qtok = setup
-    script = (f"/image {root / 'img.png'}\nWhat is this?\n/image {root / 'img.png'}\n这两张图有什么不同？\n"
-              "/image /missing.png\n/reset\nHello\n/quit\nnever read\n")
+    from ziya_jax.chat import main as chat_main
+
     out = io.StringIO()
-    argv = ["--checkpoint", str(root / "ckpt"), "--tokenizer", str(root / "tok"), "--greedy",
-            "--max-new-tokens", "5"]
+    script = f"/image {root / 'img.png'}\nWhat is this?\n/image /missing.png\n/reset\nHello\n/quit\nnever read\n"
+    argv = ["--checkpoint", str(root / "ckpt"), "--greedy", "--max-new-tokens", "5"]
     assert chat_main(argv, stdin=io.StringIO(script), stdout=out) == 0
     lines = out.getvalue().splitlines()
-
-    session = ChatSession(params, cfg, tok, qtok, DecodeConfig(max_new_tokens=5))
-    session.add_image(str(root / "img.png"))
-    a1 = session.ask("What is this?")
-    session.add_image(str(root / "img.png"))
-    a2 = session.ask("这两张图有什么不同？")
-    # The second image entered at the second turn: the prompt holds two placeholder runs in two places.
-    assert session.history[1].query.startswith(formats.IMAGE)
-    session.reset()
-    a3 = session.ask("Hello")
-    assert lines[1:] == ["(image 1 added)", a1, "(image 2 added)", a2,
-                         "error: cannot read image /missing.png: missing_file: /missing.png", "(conversation cleared)",
-                         a3]
-    assert len({a1, a2, a3}) > 1
+    assert lines[1] == "(image 1 added)"
+    assert lines[3] == "error: cannot read image /missing.png: missing_file: /missing.png"
+    assert lines[4] == "(conversation cleared)" and len(lines) == 6

@@ -41,7 +41,7 @@ def get_config(arg=None):
         if stage.get("kind") == "vision":
             stage.data.update(batch_size=8, eval_n=16)
             continue
-        stage.data.update(batch_size=8, text_len=48, qformer_text_len=32)
+        stage.data.update(batch_size=8, text_len=48)
         stage.checkpoint.save_every = args["save_every"]
         stage.eval.tasks = ()
     return config
@@ -219,18 +219,18 @@ def test_demo_stages_run_itg_alone_before_the_joint_stage_1():
 
 
 def test_tokenizers_larger_than_the_model_vocabulary_are_refused(tmp_path):
-    from ziya_jax.chat import load_tokenizers
     from ziya_jax.config import ModelConfig
     from ziya_jax.data import synthetic
+    from ziya_jax.data.tokenizers import check_vocabularies, load_tokenizers
 
     synthetic.train_demo_tokenizers(str(tmp_path), num_scenes=50)
     tok, qtok = load_tokenizers(str(tmp_path))
     cfg = ModelConfig.from_dict(load_config(os.path.join(ROOT, "configs", "demo.py") + ":stage=2").model.to_dict())
-    loop.check_vocabularies(tok, qtok, cfg)  # the demo's own tokenizers fit the demo model
+    check_vocabularies(tok, qtok, cfg)  # the demo's own tokenizers fit the demo model
     assert cfg.image_token_id == tok.vocab_size  # the placeholder is the one id past the tokenizer's
     small = ModelConfig.from_dict({**cfg.to_dict(), "llm": {**cfg.to_dict()["llm"], "vocab_size": tok.vocab_size - 1}})
     with pytest.raises(ValueError, match=f"LLM tokenizer has {tok.vocab_size} ids but model.llm.vocab_size"):
-        loop.check_vocabularies(tok, qtok, small)
+        check_vocabularies(tok, qtok, small)
 
 
 @pytest.mark.parametrize("override,message", [

@@ -85,6 +85,9 @@ class ModelConfig:
     lora: LoraConfig = LoraConfig()
     num_query_tokens: int = 32
     image_token_id: int = 39423
+    # Chat: Q-Former tokens of the instruction, [CLS] and [SEP] included (InstructBLIP: 128). Training data and
+    # every inference path cut the instruction to this length, so the model reads what it was trained on.
+    instruction_len: int = 128
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat_policy: str = "none"  # none | full | dots | dots_no_batch
@@ -100,6 +103,9 @@ class ModelConfig:
             raise ValueError("model.variant='chat' needs model.qformer.text_branch=True (the instruction enters the Q-Former)")
         if self.qformer.pretrain_heads and not self.qformer.text_branch:
             raise ValueError("model.qformer.pretrain_heads needs model.qformer.text_branch (ITC/ITG read text)")
+        if self.variant == "chat" and not 3 <= self.instruction_len <= self.qformer.max_position_embeddings:
+            raise ValueError(f"model.instruction_len={self.instruction_len} must be >= 3 and at most the Q-Former's "
+                             f"{self.qformer.max_position_embeddings} positions (model.qformer.max_position_embeddings)")
         if self.qformer.depth % self.qformer.cross_attention_frequency:
             raise ValueError(f"qformer.depth={self.qformer.depth} must be a multiple of "
                              f"cross_attention_frequency={self.qformer.cross_attention_frequency}")

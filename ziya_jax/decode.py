@@ -81,6 +81,24 @@ def check_placeholders(input_ids, attention_mask, images_per_row: int, cfg: Mode
                          f"{images_per_row} image(s) x {cfg.num_query_tokens} queries need {want} each")
 
 
+def check_inputs(ids, mask, pixel_values, qformer_ids, qformer_mask, cfg: ModelConfig):
+    """Ids past an embedding table or non-finite pixels would decode to garbage without an error: refuse them."""
+    tables = [("token ids", ids, mask, cfg.llm.vocab_size)]
+    if qformer_ids is not None:
+        qmask = np.ones_like(qformer_ids) if qformer_mask is None else qformer_mask
+        tables.append(("Q-Former ids", qformer_ids, qmask, cfg.qformer.vocab_size))
+        if np.shape(qformer_ids)[-1] > cfg.qformer.max_position_embeddings:
+            raise ValueError(f"Q-Former instruction of {np.shape(qformer_ids)[-1]} tokens; the Q-Former has "
+                             f"{cfg.qformer.max_position_embeddings} positions")
+    for name, values, valid, size in tables:
+        values = np.asarray(values)[np.asarray(valid).astype(bool)]
+        bad = values[(values < 0) | (values >= size)]
+        if bad.size:
+            raise ValueError(f"{name} must be in [0, {size}): got {sorted(set(bad.tolist()))[:5]}")
+    if pixel_values is not None and not np.isfinite(np.asarray(pixel_values)).all():
+        raise ValueError("pixel values hold NaN or infinity")
+
+
 def process_logits(logits, seen, step, dc: DecodeConfig):
     """Repetition penalty and min_new_tokens (all modes), then temperature / top-k / top-p when sampling."""
     if dc.repetition_penalty != 1.0:
@@ -266,6 +284,7 @@ def generate(params, cfg: ModelConfig, input_ids, attention_mask=None, pixel_val
     attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
     ids, mask = left_pad(input_ids, attention_mask, dc.pad_token_id)
     check_placeholders(ids, mask, 0 if pixel_values is None else np.shape(pixel_values)[1], cfg)
+    check_inputs(ids, mask, pixel_values, qformer_ids, qformer_mask, cfg)
     if ids.shape[1] + dc.max_new_tokens > cfg.llm.max_position_embeddings:
         raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({dc.max_new_tokens}) exceeds the "
                          f"model's context of {cfg.llm.max_position_embeddings}")

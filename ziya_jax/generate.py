@@ -1,9 +1,10 @@
 """python -m ziya_jax.generate --checkpoint CKPT [--image IMG ...] (--prompt TEXT | --input-ids 1,2,3) [flags]
 
-Prints the answer to one prompt (Ziya format: `<human>:{prompt}\\n<bot>:`, images first). --input-ids gives raw
-LLM token ids instead (for checkpoints without a tokenizer; image placeholders are put in front when the ids
-hold none), and an image may be a .npy of already-normalised pixels, so runs compare exactly with other
-implementations. --json also prints the generated token ids.
+Prints the answer to one prompt, built as training builds it (Ziya format: `<human>:{prompt}\\n<bot>:`, images
+first unless the prompt places them with `<image>`). --input-ids gives raw LLM token ids instead (for
+checkpoints without a tokenizer; image placeholders are put in front when the ids hold none), and an image may
+be a .npy of already-normalised pixels, so runs compare exactly with other implementations. --json also prints
+the generated token ids.
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import sys
 import jax
 import numpy as np
 
-from ziya_jax.chat import (add_decode_flags, decode_config, load_image, load_tokenizers, qformer_inputs,
-                           tokenizer_dir)
-from ziya_jax.decode import DecodeConfig, decode_params, generate
+from ziya_jax import cli
+from ziya_jax.data import formats, images
+from ziya_jax.decode import DecodeConfig, generate
 
 
 def parse_ids(text: str, flag: str) -> list[int]:
@@ -27,11 +28,25 @@ def parse_ids(text: str, flag: str) -> list[int]:
         raise ValueError(f"{flag} wants comma-separated integers, got {text!r}") from None
 
 
+def raw_inputs(args, cfg, num_images: int) -> tuple[dict, DecodeConfig]:
+    """--input-ids (and --qformer-input-ids): the model input as given, placeholders put first if missing."""
+    ids = parse_ids(args.input_ids, "--input-ids")
+    if num_images and cfg.image_token_id not in ids:
+        ids = [cfg.image_token_id] * (cfg.num_query_tokens * num_images) + ids
+    batch = {"input_ids": np.asarray([ids], np.int32)}
+    if cfg.variant == "chat":
+        if not args.qformer_input_ids:
+            raise ValueError("a Chat model with --input-ids also needs --qformer-input-ids")
+        q = np.asarray([parse_ids(args.qformer_input_ids, "--qformer-input-ids")], np.int32)
+        batch.update(qformer_ids=q, qformer_mask=np.ones_like(q))
+    eos = cfg.llm.eos_token_id if args.eos_token_id is None else args.eos_token_id
+    return batch, DecodeConfig(eos_token_id=eos, pad_token_id=cfg.llm.pad_token_id)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ziya_jax.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: CHECKPOINT/tokenizer)")
+    cli.add_model_flags(parser)
     parser.add_argument("--image", action="append", default=[], help="image file or .npy pixels; repeatable")
     text = parser.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt")
@@ -39,44 +54,30 @@ def main(argv=None) -> int:
     parser.add_argument("--qformer-input-ids", help="raw Q-Former instruction ids (Chat models, with --input-ids)")
     parser.add_argument("--eos-token-id", type=int, help="with --input-ids (default: the model config's)")
     parser.add_argument("--json", action="store_true")
-    add_decode_flags(parser, DecodeConfig())
+    cli.add_decode_flags(parser, DecodeConfig())
     args = parser.parse_args(argv)
-    from ziya_jax.checkpoint import load_model
-
     try:
-        params, cfg = load_model(args.checkpoint)
-        params = decode_params(params)  # the fast per-layer form; the stacked copy is dropped
-        pixels = [load_image(p, cfg.vision.image_size) for p in args.image]
-        dc = decode_config(args, DecodeConfig())
-        qformer = {}
-        tok = None
+        if args.prompt is not None and any("\udc80" <= c <= "\udcff" for c in args.prompt):  # undecodable bytes
+            raise ValueError("--prompt is not valid UTF-8")
+        model = cli.load(args, need_tokenizer=args.prompt is not None)
+        cfg = model.cfg
+        pixels = [images.load_image(p, cfg.vision.image_size) for p in args.image]
+        dc = cli.decode_config(args, DecodeConfig())
         if args.prompt is not None:
-            from ziya_jax.data import formats
-
-            tok, qtok = load_tokenizers(tokenizer_dir(args))
-            ids = formats.encode_prompt([], formats.IMAGE * len(pixels) + args.prompt, tok, cfg.image_token_id,
-                                        cfg.num_query_tokens)
-            dc = dataclasses.replace(dc, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-            qformer = qformer_inputs(cfg, qtok, args.prompt)
+            turn = formats.Turn(args.prompt, None)
+            batch = {k: v[None] for k, v in formats.prompt_input([turn], len(pixels), model.tok, model.qtok, cfg,
+                                                                 dc.max_new_tokens).items()}
+            dc = dataclasses.replace(dc, eos_token_id=model.tok.eos_id, pad_token_id=model.tok.pad_id)
         else:
-            ids = parse_ids(args.input_ids, "--input-ids")
-            if pixels and cfg.image_token_id not in ids:
-                ids = [cfg.image_token_id] * (cfg.num_query_tokens * len(pixels)) + ids
-            eos = cfg.llm.eos_token_id if args.eos_token_id is None else args.eos_token_id
-            dc = dataclasses.replace(dc, eos_token_id=eos, pad_token_id=cfg.llm.pad_token_id)
-            if cfg.variant == "chat":
-                if not args.qformer_input_ids:
-                    raise ValueError("a Chat model with --input-ids also needs --qformer-input-ids")
-                q = np.asarray([parse_ids(args.qformer_input_ids, "--qformer-input-ids")], np.int32)
-                qformer = dict(qformer_ids=q, qformer_mask=np.ones_like(q))
-        image_batch = np.stack(pixels)[None] if pixels else None
-        tokens, lengths = generate(params, cfg, np.asarray([ids], np.int32), None, image_batch, dc=dc,
-                                   rng=jax.random.key(args.seed), **qformer)
+            batch, ids_dc = raw_inputs(args, cfg, len(pixels))
+            dc = dataclasses.replace(dc, eos_token_id=ids_dc.eos_token_id, pad_token_id=ids_dc.pad_token_id)
+        tokens, lengths = generate(model.params, cfg, pixel_values=np.stack(pixels)[None] if pixels else None,
+                                   dc=dc, rng=jax.random.key(args.seed), **batch)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     new = [int(t) for t in tokens[0, :lengths[0]]]
-    answer = tok.decode([t for t in new if t != dc.eos_token_id]) if tok is not None else None
+    answer = model.tok.decode([t for t in new if t != dc.eos_token_id]) if model.tok is not None else None
     if answer is not None:
         print(answer)
     if args.json:

@@ -1,4 +1,4 @@
-"""python -m ziya_jax.bench {decode,train,data} [options]"""
+"""python -m ziya_jax.bench {decode,train,data,agreement} [options]"""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,8 @@ def main(argv=None) -> int:
     decode.add_argument("--new-tokens", type=int, default=64)
     decode.add_argument("--repeats", type=int, default=2, help="timed runs per row (best is reported)")
     decode.add_argument("--small", action="store_true", help="a tiny model, to check the benchmark itself quickly")
+    decode.add_argument("--profile", metavar="DIR", help="trace ziya_jax's greedy batch-1 decoding on float32 and on "
+                        "int8 weights into DIR (jax.profiler, Perfetto JSON) and print where a token's time goes")
     train = sub.add_parser("train", help="stage-3 LoRA train step vs a PyTorch reference, and MFU")
     train.add_argument("--batch", type=int, default=8)
     train.add_argument("--steps", type=int, default=3, help="timed steps per side, run back to back "
@@ -31,6 +33,13 @@ def main(argv=None) -> int:
     data.add_argument("--workers", type=int, default=2)
     data.add_argument("--batches", type=int, default=20)
     data.add_argument("--steps", type=int, default=5)
+    agree = sub.add_parser("agreement", help="generate and chat (subprocesses) against evaluate's answers to the "
+                           "synthetic test questions, on a trained model")
+    agree.add_argument("--checkpoint", required=True)
+    agree.add_argument("--tokenizer", help="tokenizer folder (default: CHECKPOINT/tokenizer)")
+    agree.add_argument("--n", type=int, default=200, help="test images per language")
+    agree.add_argument("--generate-n", type=int, default=20, help="questions per language asked through generate")
+    agree.add_argument("--quantize", choices=("int8",))
     args = parser.parse_args(argv)
     if args.name == "train" and args.frozen_dtype and args.dtype != "bfloat16":
         parser.error("--frozen-dtype bfloat16 needs --dtype bfloat16 (without autocast PyTorch's layers would mix "
@@ -42,6 +51,11 @@ def main(argv=None) -> int:
         from ziya_jax.bench import data as bench_data
 
         bench_data.run(args)
+        return 0
+    if args.name == "agreement":
+        from ziya_jax.bench import agreement
+
+        agreement.run(args)
         return 0
     try:
         import torch  # noqa: F401

@@ -66,7 +66,7 @@ def run(args) -> dict:
         train_demo_tokenizers(tmp)
         tok = SentencePieceTokenizer.load(f"{tmp}/llm.model")
         qtok = QFormerTokenizer.from_sentencepiece(f"{tmp}/qformer.model")
-    cfg = data_config(config.data, ModelConfig.from_dict(config.model.to_dict()))
+    cfg = data_config(config.data, ModelConfig.from_dict(config.model.to_dict()), stage1=False)
     rows = {}
     for workers in (0, args.workers):
         rows[f"pipeline, {workers} workers"] = pipeline_rate(

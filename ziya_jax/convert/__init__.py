@@ -1,6 +1,8 @@
 """Hugging Face <-> ziya_jax conversion (library API; the CLI is `python -m ziya_jax.convert`)."""
 from __future__ import annotations
 
+import os
+
 import flax.linen as nn
 
 from ziya_jax.config import ModelConfig
@@ -16,13 +18,21 @@ def load_hf(hf_dir: str, llm_dir: str | None = None, llm_delta_dir: str | None =
     """Parameters and config from a Blip2/InstructBlip directory. With llm_dir, the language model comes from
     that LlamaForCausalLM directory (the original Ziya layout: vision side and LLaMA apart); with
     llm_delta_dir, llm_dir is the base LLaMA and the delta is merged into it first."""
+    if llm_delta_dir is not None and llm_dir is None:
+        raise ConversionError("--llm-delta-dir needs --llm-dir (the base LLaMA the delta applies to)")
     config = read_config(hf_dir)
     if image_token_id is not None:
         config["image_token_index"] = image_token_id
+    text_config = read_config(llm_delta_dir or llm_dir) if llm_dir is not None else None
+    try:  # the configs first: a bad one is refused before any weights are read
+        cfg = model_config_from_hf(config, text_config)
+    except (KeyError, TypeError, AttributeError) as e:  # a key missing, or a value of the wrong kind
+        read = [hf_dir] + ([llm_delta_dir or llm_dir] if llm_dir else [])
+        where = " or ".join(os.path.join(d, "config.json") for d in read)
+        what = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) else f"unexpected structure ({e})"
+        raise ConversionError(f"{where}: {what}") from None
     tensors = read_tensors(hf_dir, allow_pickle)
-    text_config = None
     if llm_dir is not None:
-        text_config = read_config(llm_delta_dir or llm_dir)
         llm = read_tensors(llm_dir, allow_pickle)
         if llm_delta_dir is not None:
             llm = apply_llama_delta(llm, read_tensors(llm_delta_dir, allow_pickle))
@@ -30,9 +40,6 @@ def load_hf(hf_dir: str, llm_dir: str | None = None, llm_delta_dir: str | None =
         if clash:
             raise ConversionError(f"{hf_dir} already holds a language model ({clash[0]}, ...); drop --llm-dir")
         tensors.update({f"language_model.{k}": v for k, v in llm.items()})
-    elif llm_delta_dir is not None:
-        raise ConversionError("--llm-delta-dir needs --llm-dir (the base LLaMA the delta applies to)")
-    cfg = model_config_from_hf(config, text_config)
     abstract = nn.meta.unbox(abstract_params(cfg))
     return hf_to_params(tensors, abstract, cfg, target_for(cfg)), cfg
 

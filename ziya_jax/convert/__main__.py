@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from ziya_jax.checkpoint import load_model, save_model
-    from ziya_jax.convert import ConversionError, export_hf, load_hf
+    from ziya_jax.convert import export_hf, load_hf
 
     try:
         if args.command == "from-hf":
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
             for note in export_hf(params, cfg, args.out, args.llm_only, args.max_shard_size):
                 print(note)
             print(f"wrote {args.out}")
-    except (ConversionError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # ConversionError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

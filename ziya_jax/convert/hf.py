@@ -218,9 +218,11 @@ def model_config_from_hf(d: Mapping, text_config: Mapping | None = None) -> Mode
                             layer_norm_eps=q.get("layer_norm_eps", 1e-12), dropout=q.get("hidden_dropout_prob", 0.1),
                             text_branch=chat, vocab_size=q.get("vocab_size", 30522),
                             max_position_embeddings=q.get("max_position_embeddings", 512))
+    # HF configs do not record the instruction length; InstructBLIP reads 128 tokens, if the Q-Former has them.
     return ModelConfig(variant="chat" if chat else "base", vision=vision, qformer=qformer,
                        llm=llama_config_from_hf(text), num_query_tokens=d.get("num_query_tokens", 32),
-                       image_token_id=d["image_token_index"])
+                       image_token_id=d["image_token_index"],
+                       instruction_len=min(ModelConfig.instruction_len, qformer.max_position_embeddings))
 
 
 def llama_config_to_hf(c: LlamaConfig) -> dict:

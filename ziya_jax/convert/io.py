@@ -5,25 +5,45 @@ import glob
 import json
 import os
 import shutil
-import tempfile
 from typing import Mapping
 
 import jax
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
 from ziya_jax.convert.hf import ConversionError
+from ziya_jax.paths import inside
 
 INDEX = "model.safetensors.index.json"
 
 
 def read_config(directory: str) -> dict:
-    path = os.path.join(directory, "config.json")
+    path = _file_in(directory, "config.json", os.path.join(directory, "config.json"))
     if not os.path.isfile(path):
         raise ConversionError(f"no config.json in {directory}")
-    with open(path) as f:
-        return json.load(f)
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path}: expected a JSON object, got a {type(config).__name__}")
+    return config
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ConversionError(f"{path} is not valid JSON: {e}") from None
+
+
+def _file_in(directory: str, name, what: str) -> str:
+    """directory/name, refused unless it stays inside `directory` (see ziya_jax.paths.inside); `what` names
+    where the name came from."""
+    if not isinstance(name, str) or not name:
+        raise ConversionError(f"{what} is not a file name")
+    if not inside(directory, name):
+        raise ConversionError(f"{what} leads outside {directory}; refusing to read it")
+    return os.path.join(directory, name)
 
 
 def read_tensors(directory: str, allow_pickle: bool = False) -> dict[str, np.ndarray]:
@@ -31,23 +51,24 @@ def read_tensors(directory: str, allow_pickle: bool = False) -> dict[str, np.nda
     torch.load(weights_only=True), which refuses arbitrary pickled objects."""
     if not os.path.isdir(directory):
         raise ConversionError(f"{directory} is not a directory")
-    index = os.path.join(directory, INDEX)
+    index = _file_in(directory, INDEX, os.path.join(directory, INDEX))
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        files = [os.path.join(directory, name) for name in files]
+        files = _shards(index, directory)
     else:
-        files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+        files = _listed(directory, "*.safetensors")
     if files:
         tensors = {}
         for path in files:
             if not os.path.isfile(path):
-                raise ConversionError(f"{index} names {os.path.basename(path)}, which is missing")
-            with jax.default_device(jax.devices("cpu")[0]), safe_open(path, framework="flax") as f:
-                for key in f.keys():
-                    tensors[key] = np.asarray(f.get_tensor(key))
+                raise ConversionError(f"{path} is missing or not a regular file")
+            try:
+                with jax.default_device(jax.devices("cpu")[0]), safe_open(path, framework="flax") as f:
+                    for key in f.keys():
+                        tensors[key] = np.asarray(f.get_tensor(key))
+            except SafetensorError as e:
+                raise ConversionError(f"{path} is not a readable safetensors file: {e}") from None
         return _without_buffers(tensors)
-    pickles = sorted(glob.glob(os.path.join(directory, "*.bin")))
+    pickles = _listed(directory, "*.bin")
     if not pickles:
         raise ConversionError(f"no *.safetensors (or *.bin) weights in {directory}")
     if not allow_pickle:
@@ -58,9 +79,33 @@ def read_tensors(directory: str, allow_pickle: bool = False) -> dict[str, np.nda
 
     tensors = {}
     for path in pickles:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds (UnpicklingError, RuntimeError, EOFError)
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            raise ConversionError(f"{path}: torch.load(weights_only=True) cannot read it: {type(e).__name__}: "
+                                  f"{first_line}") from None
+        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ConversionError(f"{path} does not hold a state dict (names -> tensors)")
         tensors.update({k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()})
     return _without_buffers(tensors)
+
+
+def _shards(index: str, directory: str) -> list[str]:
+    """The files a sharded index's weight_map names, every one checked to stay inside `directory` before any
+    is opened."""
+    content = _read_json(index)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ConversionError(f"{index}: no weight_map object")
+    return sorted({_file_in(directory, name, f"{index}: weight_map[{key!r}] = {name!r}")
+                   for key, name in weight_map.items()})
+
+
+def _listed(directory: str, pattern: str) -> list[str]:
+    """The directory's files matching `pattern`, each checked to stay inside it (a symlink may point out)."""
+    paths = sorted(glob.glob(os.path.join(glob.escape(directory), pattern)))
+    return [_file_in(directory, os.path.basename(p), p) for p in paths]
 
 
 def _without_buffers(tensors: dict) -> dict:
@@ -89,14 +134,17 @@ def apply_llama_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.nda
 
 def write_hf_dir(directory: str, tensors: Mapping[str, np.ndarray], config: dict,
                  max_shard_bytes: int = 5 * 2 ** 30) -> None:
-    """config.json + safetensors (sharded with an index beyond max_shard_bytes), written to a temporary
-    directory first and moved into place, so a failure leaves nothing half-written."""
+    """config.json + safetensors (sharded with an index beyond max_shard_bytes), written to the hidden
+    `.tmp-NAME` beside the directory first and moved into place, so a failure leaves nothing half-written; one
+    that a killed run left behind is removed first."""
     directory = os.path.abspath(directory)
     if os.path.exists(directory):
         raise ConversionError(f"{directory} exists; choose a new output directory")
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(directory)}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.mkdir(tmp)
     try:
         shards, current, size = [], {}, 0
         for key in sorted(tensors):

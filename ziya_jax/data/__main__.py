@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ziya_jax.data.images import DEFAULT_MAX_BYTES
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ziya_jax.data", description=__doc__)
@@ -26,6 +28,12 @@ def main(argv=None) -> int:
     man.add_argument("--image-dir", default="",
                      help="image paths are relative to this (default: the manifest's folder)")
     man.add_argument("--strict", action="store_true", help="fail on a missing image or bad entry")
+    man.add_argument("--allow-any-image-path", action="store_true",
+                     help="let image paths lead out of the image folder (absolute, .., symlinks); off by default")
+    man.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                     help="image files above this size are left out unread (default %(default)s)")
+    man.add_argument("--overwrite", action="store_true",
+                     help="rebuild NAME if it exists (a build from other inputs is otherwise refused)")
     args = parser.parse_args(argv)
 
     if args.command == "tokenizers":
@@ -45,7 +53,12 @@ def main(argv=None) -> int:
         splits = dict(s.split("=", 1) for s in args.split)
         if any(not v for v in splits.values()) or len(splits) != len(args.split):
             parser.error(f"--split wants distinct SPLIT=FILE pairs, got {args.split}")
-        builder = tfds_builders.build_manifest(args.data_dir, args.name, splits, args.image_dir, args.strict)
+        try:
+            builder = tfds_builders.build_manifest(args.data_dir, args.name, splits, args.image_dir, args.strict,
+                                                   args.allow_any_image_path, args.max_image_bytes, args.overwrite)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     print(f"{builder.name}/{builder.builder_config.name} in {builder.data_dir}: "
           + ", ".join(f"{k} {v.num_examples}" for k, v in builder.info.splits.items()))
     return 0

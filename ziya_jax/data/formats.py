@@ -2,9 +2,9 @@
 
 Ziya's prompt: each turn is `<human>:{query}\\n<bot>:` followed by the answer and EOS; turns are concatenated
 with no BOS; the loss covers answers and their EOS only. An image is `<image>` in the text; it becomes
-`num_query_tokens` copies of `image_token_id`, and the i-th run receives the row's i-th image. A
-conversation whose text has no `<image>` gets its images before the first turn (BLIP-2/Ziya put the image
-queries before the text).
+`num_query_tokens` copies of `image_token_id`, and the i-th run receives the row's i-th image. Images the
+text does not place go before the first turn (BLIP-2/Ziya put the image queries before the text).
+`model_input` is the one function that turns a conversation into model input, for training and inference.
 
 Annotation schemas (fields of a manifest record, or what the synthetic set derives from a scene):
   caption           {"caption"}
@@ -46,7 +46,7 @@ _BOX = re.compile(r"\[(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3})\]")
 @dataclasses.dataclass(frozen=True)
 class Turn:
     query: str
-    answer: str
+    answer: str | None  # None: the question the model is to answer (the last turn of a prompt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,14 +137,13 @@ def _llava_conversation(messages) -> Conversation:
 
 
 def place_images(conv: Conversation, num_images: int) -> Conversation:
-    """Checks that the placeholders match the images; with no placeholder at all, puts the images first."""
-    found = conv.prefix.count(IMAGE) + sum(t.query.count(IMAGE) + t.answer.count(IMAGE) for t in conv.turns)
-    if found == 0 and num_images:
-        return dataclasses.replace(conv, prefix=IMAGE * num_images + conv.prefix)
-    if any(IMAGE in t.answer for t in conv.turns) or found != num_images:
+    """Images the text does not place (by `<image>`) go before the first turn, in order; the placeholders take
+    the rest. More placeholders than images, or one in an answer, is a mismatch."""
+    found = conv.prefix.count(IMAGE) + sum(t.query.count(IMAGE) + (t.answer or "").count(IMAGE) for t in conv.turns)
+    if any(IMAGE in (t.answer or "") for t in conv.turns) or found > num_images:
         raise errors.BadSample(errors.IMAGE_COUNT_MISMATCH,
                                f"{found} {IMAGE} placeholders (answers must have none) for {num_images} images")
-    return conv
+    return dataclasses.replace(conv, prefix=IMAGE * (num_images - found) + conv.prefix)
 
 
 def instruction(conv: Conversation) -> str:
@@ -166,36 +165,67 @@ def _segment(text: str, tok, image_ids: list[int], image_token_id: int) -> list[
     return ids
 
 
+def _encode(conv: Conversation, tok, max_len: int, image_token_id: int, num_query_tokens: int):
+    """-> (ids, loss mask, images used, turns kept); see encode_conversation."""
+    image_ids = [image_token_id] * num_query_tokens
+    if not conv.turns:
+        raise errors.BadSample(errors.EMPTY_TEXT, "no turns")
+    ids = _segment(conv.prefix, tok, image_ids, image_token_id)
+    mask = [0] * len(ids)
+    images, kept = conv.prefix.count(IMAGE), 0
+    for n, turn in enumerate(conv.turns):
+        is_open = turn.answer is None and n == len(conv.turns) - 1
+        if not turn.query.strip() or not (is_open or (turn.answer or "").strip()):
+            raise errors.BadSample(errors.EMPTY_TEXT, f"turn {n}: query {turn.query!r:.40}, answer {turn.answer!r:.40}")
+        prompt = _segment(f"{HUMAN}:{turn.query}\n{BOT}:", tok, image_ids, image_token_id)
+        answer = [] if is_open else _segment(turn.answer, tok, image_ids, image_token_id) + [tok.eos_id]
+        if len(ids) + len(prompt) + len(answer) > max_len:
+            if n == 0 or is_open:
+                raise errors.BadSample(errors.TEXT_TOO_LONG, f"{'the question' if is_open else 'the first turn'} "
+                                       f"needs {len(ids) + len(prompt) + len(answer)} > {max_len} tokens")
+            break
+        ids += prompt + answer
+        mask += [0] * len(prompt) + [1] * len(answer)
+        images += turn.query.count(IMAGE)
+        kept += 1
+    return ids, mask, images, kept
+
+
 def encode_conversation(conv: Conversation, tok, max_len: int, image_token_id: int,
                         num_query_tokens: int) -> tuple[dict[str, np.ndarray], int]:
     """-> ({input_ids, attention_mask, loss_mask} int32 [max_len], images used).
 
     loss_mask is 1 on answer tokens and their EOS. Turns that do not fit are dropped from the end (with the
     images only they referenced); if not even the first turn fits the sample is rejected, since cutting a
-    turn would train on a broken answer or a partial image."""
-    image_ids = [image_token_id] * num_query_tokens
-    if not conv.turns:
-        raise errors.BadSample(errors.EMPTY_TEXT, "no turns")
-    ids = _segment(conv.prefix, tok, image_ids, image_token_id)
-    mask = [0] * len(ids)
-    images = conv.prefix.count(IMAGE)
-    for n, turn in enumerate(conv.turns):
-        if not turn.query.strip() or not turn.answer.strip():
-            raise errors.BadSample(errors.EMPTY_TEXT, f"turn {n}: query {turn.query!r:.40}, answer {turn.answer!r:.40}")
-        prompt = _segment(f"{HUMAN}:{turn.query}\n{BOT}:", tok, image_ids, image_token_id)
-        answer = _segment(turn.answer, tok, image_ids, image_token_id) + [tok.eos_id]
-        if len(ids) + len(prompt) + len(answer) > max_len:
-            if n == 0:
-                raise errors.BadSample(errors.TEXT_TOO_LONG, f"first turn needs {len(ids) + len(prompt) + len(answer)}"
-                                       f" > {max_len} tokens")
-            break
-        ids += prompt + answer
-        mask += [0] * len(prompt) + [1] * len(answer)
-        images += turn.query.count(IMAGE)
-    pad = max_len - len(ids)
-    arrays = {"input_ids": np.array(ids + [tok.pad_id] * pad, np.int32),
-              "attention_mask": np.array([1] * len(ids) + [0] * pad, np.int32),
-              "loss_mask": np.array(mask + [0] * pad, np.int32)}
+    turn would train on a broken answer or a partial image. A last turn whose answer is None is the question
+    the model is to answer: the ids end in `<bot>:`, and it must fit with everything before it."""
+    ids, mask, images, _ = _encode(conv, tok, max_len, image_token_id, num_query_tokens)
+    return _padded(ids, mask, max_len, tok.pad_id), images
+
+
+def _padded(ids: list[int], mask: list[int], length: int, pad_id: int) -> dict[str, np.ndarray]:
+    pad = length - len(ids)
+    return {"input_ids": np.array(ids + [pad_id] * pad, np.int32),
+            "attention_mask": np.array([1] * len(ids) + [0] * pad, np.int32),
+            "loss_mask": np.array(mask + [0] * pad, np.int32)}
+
+
+def model_input(conv: Conversation, num_images: int, tok, qformer_tok, *, max_len: int, image_token_id: int,
+                num_query_tokens: int, instruction_len: int, pad: bool = True) -> tuple[dict[str, np.ndarray], int]:
+    """The one way a conversation becomes model input, for training data and every inference path alike:
+    images placed (`place_images`), the turns that fit encoded (`encode_conversation`), and for a Chat model
+    (instruction_len > 0) the Q-Former instruction of those turns (`instruction`, left-truncated).
+    -> ({input_ids, attention_mask, loss_mask[, qformer_ids, qformer_mask]}, images used); pad=False leaves
+    the LLM arrays at the conversation's own length (a prompt to decode from)."""
+    conv = place_images(conv, num_images)
+    ids, mask, images, kept = _encode(conv, tok, max_len, image_token_id, num_query_tokens)
+    arrays = _padded(ids, mask, max_len if pad else len(ids), tok.pad_id)
+    if instruction_len:
+        if qformer_tok is None:
+            raise ValueError("a Chat model needs the Q-Former tokenizer (qformer.model or vocab.txt)")
+        q = encode_qformer_text(instruction(dataclasses.replace(conv, turns=conv.turns[:kept])), qformer_tok,
+                                instruction_len)
+        arrays["qformer_ids"], arrays["qformer_mask"] = q["ids"], q["mask"]
     return arrays, images
 
 
@@ -214,12 +244,23 @@ def encode_qformer_text(text: str, qtok, max_len: int, truncate: str = "left") -
             "mask": np.array([1] * len(ids) + [0] * pad, np.int32)}
 
 
-def encode_prompt(history: Sequence[Turn], query: str, tok, image_token_id: int, num_query_tokens: int,
-                  prefix: str = "") -> list[int]:
-    """Token ids of a conversation so far plus a new query, ending in `<bot>:` for the model to answer."""
-    image_ids = [image_token_id] * num_query_tokens
-    ids = _segment(prefix, tok, image_ids, image_token_id)
-    for turn in history:
-        ids += _segment(f"{HUMAN}:{turn.query}\n{BOT}:", tok, image_ids, image_token_id)
-        ids += _segment(turn.answer, tok, image_ids, image_token_id) + [tok.eos_id]
-    return ids + _segment(f"{HUMAN}:{query}\n{BOT}:", tok, image_ids, image_token_id)
+class PromptTooLong(ValueError):
+    """A prompt that does not fit in the model's context with the tokens to generate."""
+
+
+def prompt_input(turns: Sequence[Turn], num_images: int, tok, qformer_tok, cfg,
+                 max_new_tokens: int) -> dict[str, np.ndarray]:
+    """What a model (cfg: its ModelConfig) reads to answer the last turn (answer None) of a conversation:
+    `model_input` unpadded, with max_new_tokens of the LLM's context left free. -> {input_ids, attention_mask
+    [, qformer_ids, qformer_mask]}, each [T]. Raises PromptTooLong, or ValueError for other bad input."""
+    context = cfg.llm.max_position_embeddings - max_new_tokens
+    try:
+        arrays, _ = model_input(Conversation(tuple(turns)), num_images, tok, qformer_tok, max_len=context,
+                                image_token_id=cfg.image_token_id, num_query_tokens=cfg.num_query_tokens,
+                                instruction_len=cfg.instruction_len if cfg.variant == "chat" else 0, pad=False)
+    except errors.BadSample as e:
+        kind = PromptTooLong if e.reason == errors.TEXT_TOO_LONG else ValueError
+        raise kind(f"{e.detail} (the context is {cfg.llm.max_position_embeddings} tokens, {max_new_tokens} of them "
+                   f"kept for the answer)" if kind is PromptTooLong else str(e)) from None
+    del arrays["loss_mask"]
+    return arrays

@@ -3,12 +3,13 @@
 Matches BLIP-2's eval transform (resize to a square, no aspect-preserving crop, x/255, CLIP mean/std).
 Anything that cannot be turned into an RGB image raises `BadSample` with a reason code; the size declared in
 the header is checked against a pixel limit before any pixel is decoded, so a decompression bomb costs
-a header read, not gigabytes.
+a header read, not gigabytes; a file's size is checked before it is read.
 """
 from __future__ import annotations
 
 import io
 import os
+import stat
 
 import numpy as np
 from PIL import Image
@@ -22,29 +23,42 @@ _SCALE = (1.0 / (255.0 * CLIP_STD)).astype(np.float32)
 _OFFSET = (CLIP_MEAN / CLIP_STD).astype(np.float32)
 # 64 megapixels (e.g. 8000x8000) is far above any training image and far below what would exhaust memory.
 DEFAULT_MAX_PIXELS = 64_000_000
+# Image files are read whole: a file above this (an uncompressed 64-megapixel image is 192 MB) is refused by its
+# size, before it is read.
+DEFAULT_MAX_BYTES = 256 * 2 ** 20
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-def read_source(src, name: str = "") -> bytes | np.ndarray:
-    """bytes stay bytes, an array stays an array, a str/PathLike is read from disk."""
+def read_source(src, name: str = "", max_bytes: int = DEFAULT_MAX_BYTES) -> bytes | np.ndarray:
+    """bytes stay bytes, an array stays an array, a str/PathLike is read from disk: only a regular file (a
+    device such as /dev/zero, or a pipe, would never end) of at most max_bytes, both known before reading."""
     if isinstance(src, (bytes, np.ndarray)):
         return src
     if isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
         try:
+            info = os.stat(path)
+            if not stat.S_ISREG(info.st_mode):
+                raise errors.BadSample(errors.UNREADABLE_FILE, "not a regular file", name or path)
+            if info.st_size > max_bytes:
+                raise errors.BadSample(errors.FILE_TOO_LARGE, f"{info.st_size} bytes > {max_bytes}", name or path)
             with open(path, "rb") as f:
-                return f.read()
+                data = f.read(max_bytes + 1)
+            if len(data) > max_bytes:  # it grew after the check
+                raise errors.BadSample(errors.FILE_TOO_LARGE, f"more than {max_bytes} bytes", name or path)
+            return data
         except FileNotFoundError:
             raise errors.BadSample(errors.MISSING_FILE, path, name or path) from None
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
             raise errors.BadSample(errors.UNREADABLE_FILE, f"{path}: {e}", name or path) from None
     raise errors.BadSample(errors.BAD_ANNOTATION, f"image of type {type(src).__name__}", name)
 
 
-def open_rgb(src, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "") -> Image.Image:
+def open_rgb(src, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "",
+             max_bytes: int = DEFAULT_MAX_BYTES) -> Image.Image:
     """Any supported image (bytes, path or uint8 array [H, W, 3]) as a decoded RGB PIL image."""
     name = name or (os.fspath(src) if isinstance(src, (str, os.PathLike)) else "")
-    data = read_source(src, name)
+    data = read_source(src, name, max_bytes)
     if isinstance(data, np.ndarray):
         if data.dtype != np.uint8 or data.ndim != 3 or data.shape[-1] != 3:
             raise errors.BadSample(errors.CORRUPT_IMAGE, f"array {data.dtype}{list(data.shape)}, want uint8 [H,W,3]",
@@ -120,3 +134,27 @@ def to_pixels(im: Image.Image, size: int, crop: tuple[float, float, float, float
 def denormalize(pixels: np.ndarray) -> np.ndarray:
     """CLIP-normalised float pixels -> uint8 RGB (for looking at batches)."""
     return np.clip(np.rint((pixels + _OFFSET) / _SCALE), 0, 255).astype(np.uint8)
+
+
+def load_image(path: str, size: int) -> np.ndarray:
+    """An image file -> CLIP-normalised [size, size, 3]; a .npy file is taken as already-normalised pixels
+    ([3, H, W] or [H, W, 3], as HF pixel_values or ziya_jax's layout), and must be finite. Raises ValueError."""
+    if path.endswith(".npy"):
+        try:
+            pixels = np.load(path, allow_pickle=False).astype(np.float32)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a numeric .npy array ({e})") from None
+        if pixels.ndim == 4 and pixels.shape[0] == 1:
+            pixels = pixels[0]
+        if pixels.ndim == 3 and pixels.shape[0] == 3:
+            pixels = pixels.transpose(1, 2, 0)
+        if pixels.shape != (size, size, 3):
+            raise ValueError(f"{path}: pixels of shape {pixels.shape}, the model wants ({size}, {size}, 3) or "
+                             f"(3, {size}, {size})")
+        if not np.isfinite(pixels).all():
+            raise ValueError(f"{path}: {int((~np.isfinite(pixels)).sum())} pixel values are NaN or infinite")
+        return pixels
+    try:
+        return to_pixels(open_rgb(path), size)
+    except errors.BadSample as e:
+        raise ValueError(f"cannot read image {e}") from None

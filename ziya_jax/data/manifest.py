@@ -2,8 +2,9 @@
   {"id": "x", "image": "a.jpg" | ["a.jpg", "b.jpg"],
    "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}
 or any task schema of `formats` ({"image", "caption"}, {"image", "question", "answer"}, ... with an optional
-"task"). Image paths are relative to an image folder. `ManifestSource` reads the images lazily (a missing file
-is a counted bad sample); the TFDS builder stores their bytes.
+"task"). Image paths are relative to an image folder and must stay inside it (no absolute paths, `..` or symlinks
+out of it) unless `allow_any_image_path`. `ManifestSource` reads the images lazily (a missing file is a counted
+bad sample); the TFDS builder stores their bytes.
 """
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+
+from ziya_jax.data import errors
+from ziya_jax.paths import inside
 
 log = logging.getLogger(__name__)
 
@@ -57,28 +61,47 @@ def image_paths(entry: Mapping) -> list[str]:
     return [images] if isinstance(images, str) else list(images)
 
 
-def to_record(entry: Mapping, image_dir: str | os.PathLike) -> dict:
-    """A manifest entry as a pipeline record: {"id", "images": [paths], "annotation": {other fields}}."""
+def to_record(entry: Mapping, image_dir: str | os.PathLike, allow_any_image_path: bool = False) -> dict:
+    """A manifest entry as a pipeline record: {"id", "images": [paths], "annotation": {other fields}}. An image
+    path leading out of image_dir raises BadSample (outside_image_dir) unless allow_any_image_path."""
     rec_id = str(entry.get("id", entry.get("_where", "?")))
+    image_dir = os.fspath(image_dir)
     annotation = {k: v for k, v in entry.items() if k not in ("id", "image", "images", "_where")}
-    paths = [p if not isinstance(p, str) else os.path.join(os.fspath(image_dir), p) for p in image_paths(entry)]
+    paths = []
+    for p in image_paths(entry):
+        if isinstance(p, str):
+            if not allow_any_image_path and not inside(image_dir, p):
+                raise errors.BadSample(errors.OUTSIDE_IMAGE_DIR, f"{p!r} leads outside {image_dir or '.'}", rec_id)
+            p = os.path.join(image_dir, p)
+        paths.append(p)
     return {"id": rec_id, "images": paths, "annotation": annotation}
 
 
 class ManifestSource:
     """Random-access records of a manifest; images stay paths until the pipeline decodes them.
-    `invalid` maps entries that could not be parsed to why (they are left out, and logged)."""
+    `invalid` maps entries that could not be parsed to why (logged). They come after the entries, as records
+    the pipeline counts as invalid_entry; so does an entry naming an image outside the image folder, as
+    outside_image_dir: every line read is either a sample or a count."""
 
-    def __init__(self, manifest: str | os.PathLike, image_dir: str | os.PathLike | None = None, strict: bool = False):
+    def __init__(self, manifest: str | os.PathLike, image_dir: str | os.PathLike | None = None, strict: bool = False,
+                 allow_any_image_path: bool = False):
         self.manifest = os.fspath(manifest)
         self.image_dir = os.fspath(image_dir) if image_dir is not None else os.path.dirname(self.manifest)
+        self.allow_any_image_path = allow_any_image_path
         self.entries, self.invalid = read_manifest(self.manifest, strict)
+        self._invalid = list(self.invalid.items())
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.entries) + len(self._invalid)
 
     def __getitem__(self, index: int) -> dict:
-        return to_record(self.entries[index], self.image_dir)
+        if index >= len(self.entries):
+            where, why = self._invalid[index - len(self.entries)]
+            return {"id": where, "refused": [errors.INVALID_ENTRY, why]}
+        try:
+            return to_record(self.entries[index], self.image_dir, self.allow_any_image_path)
+        except errors.BadSample as e:
+            return {"id": e.source, "refused": [e.reason, e.detail]}
 
     def __repr__(self) -> str:
         return f"ManifestSource({self.manifest!r}, image_dir={self.image_dir!r}, {len(self)} entries)"

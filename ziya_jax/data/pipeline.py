@@ -78,6 +78,7 @@ class DataConfig:
     augment: bool = False
     crop_scale: tuple[float, float] = (0.5, 1.0)
     max_pixels: int = images.DEFAULT_MAX_PIXELS
+    max_image_bytes: int = images.DEFAULT_MAX_BYTES  # image files above this are refused before they are read
     pack: bool = False               # several examples per instruction row (text_len tokens, max_images slots)
     strict: bool = False             # raise on the first bad sample instead of skipping and counting it
     num_workers: int = 0             # worker processes for sample preparation (grain mp_prefetch)
@@ -219,6 +220,8 @@ def record_fields(record: Mapping) -> tuple[str, list, dict]:
     if not isinstance(record, Mapping):
         raise errors.BadSample(errors.BAD_ANNOTATION, f"record of type {type(record).__name__}")
     rec_id = _text(record.get("id", "?"))
+    if "refused" in record:  # [reason, detail] from a source that could not make the record (see ManifestSource)
+        raise errors.BadSample(*record["refused"], rec_id)
     ann = record.get("annotation", {})
     if isinstance(ann, (bytes, np.bytes_, str)):
         try:
@@ -265,7 +268,7 @@ class _Prepare(grain.transforms.RandomMap):
             return _skipped(rec_id, e)
 
     def pixels(self, src, name: str, crop: bool, rng: np.random.Generator) -> np.ndarray:
-        im = images.open_rgb(src, self.cfg.max_pixels, name)
+        im = images.open_rgb(src, self.cfg.max_pixels, name, self.cfg.max_image_bytes)
         box = images.random_resized_crop_box(*im.size, rng, self.cfg.crop_scale) if crop else None
         return images.to_pixels(im, self.cfg.image_size, box)
 
@@ -291,9 +294,10 @@ class _PrepareInstruction(_Prepare):
         cfg = self.cfg
         crop = cfg.augment and "scene" not in ann
         ann, task = self.annotation(ann, task, rng)
-        conv = formats.place_images(formats.conversation(task, ann), len(imgs))
-        row, used = formats.encode_conversation(conv, self.tokenizer, cfg.text_len, cfg.image_token_id,
-                                                cfg.num_query_tokens)
+        row, used = formats.model_input(formats.conversation(task, ann), len(imgs), self.tokenizer,
+                                        self.qformer_tokenizer, max_len=cfg.text_len,
+                                        image_token_id=cfg.image_token_id, num_query_tokens=cfg.num_query_tokens,
+                                        instruction_len=cfg.qformer_text_len if self.qformer_tokenizer else 0)
         if used > cfg.max_images:
             raise errors.BadSample(errors.TOO_MANY_IMAGES, f"{used} images > {cfg.max_images} slots")
         pixels = np.zeros((cfg.max_images, cfg.image_size, cfg.image_size, 3), np.float32)
@@ -301,9 +305,6 @@ class _PrepareInstruction(_Prepare):
             pixels[i] = self.pixels(imgs[i], _image_name(rec_id, imgs[i], i), crop and task not in BOX_TASKS, rng)
         row["pixel_values"] = pixels
         row["image_mask"] = (np.arange(cfg.max_images) < used).astype(np.int32)
-        if self.qformer_tokenizer is not None:
-            q = formats.encode_qformer_text(formats.instruction(conv), self.qformer_tokenizer, cfg.qformer_text_len)
-            row["qformer_ids"], row["qformer_mask"] = q["ids"], q["mask"]
         return row
 
 
@@ -341,6 +342,9 @@ class Stack:
     def full(self) -> bool:
         return len(self.rows) == self.batch_size
 
+    def __len__(self) -> int:
+        return len(self.rows)
+
     def add(self, row: dict) -> bool:
         self.rows.append(row)
         return True
@@ -361,6 +365,9 @@ class Packer:
     @property
     def full(self) -> bool:
         return all(tokens == 0 for tokens, _ in self.room)
+
+    def __len__(self) -> int:
+        return sum(len(examples) for examples in self.rows)
 
     def add(self, example: dict) -> bool:
         """Places the example; False (and nothing placed) when it fits in no row."""
@@ -408,9 +415,9 @@ class SkipAndBatch(grain.IterDataset):
     after an error, or at the end of a finite input when the last rows were dropped. It runs where the
     rows are prepared (in each worker process, when there are workers), so only whole batches cross
     process boundaries; `CountSkips` then totals the counts in the main process. A last partial batch is
-    dropped, because every batch must have the same static shape. A row that no longer fits a packed batch
-    starts the next one; until then the iterator's state is the input's state from before that row, so a
-    restore reads it again."""
+    dropped, because every batch must have the same static shape, and its rows are counted as partial_batch
+    (with workers, each worker's). A row that no longer fits a packed batch starts the next one; until then
+    the iterator's state is the input's state from before that row, so a restore reads it again."""
 
     def __init__(self, parent: grain.IterDataset, new_batch, strict: bool = False,
                  max_consecutive_skips: int = 1000):
@@ -436,7 +443,9 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
             state = self._parent.get_state() if isinstance(batch, Packer) else None
             try:
                 row = next(self._parent)
-            except StopIteration:  # the end of a finite epoch: report the skips of the dropped last rows
+            except StopIteration:  # the end of a finite epoch: report the skips and the rows too few for a batch
+                if len(batch):
+                    skipped[errors.PARTIAL_BATCH] += len(batch)
                 if skipped:
                     return {"batch": None, "skipped": dict(skipped), "error": None}
                 raise

@@ -189,6 +189,34 @@ class _BertBackend:
 
 
 @functools.lru_cache(maxsize=1)
+def load_tokenizers(directory: str) -> tuple[SentencePieceTokenizer, QFormerTokenizer | None]:
+    """(LLM tokenizer, Q-Former tokenizer or None) from a folder holding `llm.model` or `tokenizer.model`
+    (+ added_tokens.json), and optionally `qformer.model` (sentencepiece) or `vocab.txt` (BERT)."""
+    llm = next((os.path.join(directory, n) for n in ("llm.model", "tokenizer.model")
+                if os.path.isfile(os.path.join(directory, n))), None)
+    if llm is None:
+        raise FileNotFoundError(f"no llm.model or tokenizer.model in {directory}")
+    qformer = None
+    if os.path.isfile(os.path.join(directory, "qformer.model")):
+        qformer = QFormerTokenizer.from_sentencepiece(os.path.join(directory, "qformer.model"))
+    elif os.path.isfile(os.path.join(directory, "vocab.txt")):
+        qformer = QFormerTokenizer.from_bert_vocab(os.path.join(directory, "vocab.txt"))
+    return SentencePieceTokenizer.load(llm), qformer
+
+
+def check_vocabularies(tok, qtok, cfg) -> None:
+    """Token ids past a model's embedding table raise no error under jit (JAX clips or fills out-of-range
+    indices), so tokenizers of another model (or left in a workdir by an older config) would run silently on
+    garbage. cfg: the ModelConfig."""
+    pairs = [("LLM", tok.vocab_size, "llm", cfg.llm.vocab_size)]
+    if qtok is not None and cfg.qformer.text_branch:
+        pairs.append(("Q-Former", qtok.vocab_size, "qformer", cfg.qformer.vocab_size))
+    for name, have, section, rows in pairs:
+        if have > rows:
+            raise ValueError(f"the {name} tokenizer has {have} ids but model.{section}.vocab_size is {rows}: "
+                             "use the tokenizers this model was configured for")
+
+
 def jieba_segmenter():
     """jieba, quiet and with its dictionary loaded once (for training tokenizers and for caption metrics)."""
     import jieba

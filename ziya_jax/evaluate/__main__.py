@@ -16,6 +16,7 @@ import os
 import sys
 import time
 
+from ziya_jax import cli
 from ziya_jax.evaluate import tasks as tasks_mod
 
 ALL_TASKS = sorted(tasks_mod.TASKS) + ["synthetic"]
@@ -24,11 +25,12 @@ ALL_TASKS = sorted(tasks_mod.TASKS) + ["synthetic"]
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ziya_jax.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--tokenizer", help="tokenizer folder (default: CHECKPOINT/tokenizer)")
+    cli.add_model_flags(p)
     p.add_argument("--task", required=True, choices=ALL_TASKS)
     p.add_argument("--data", help="annotation file or the folder holding it (not needed for synthetic)")
     p.add_argument("--image-dir", help="images folder (default: the annotation file's folder)")
+    p.add_argument("--allow-any-image-path", action="store_true",
+                   help="let annotations name images outside the images folder (absolute, .., symlinks)")
     p.add_argument("--split", help="split name in the released files (default: the paper's split)")
     p.add_argument("--lang", choices=("en", "zh"), help="vqav2/gqa: zh evaluates the translated (T) sets")
     p.add_argument("--retrieval-set", default="flickr30k_cna",
@@ -67,12 +69,10 @@ def _run(args) -> int:
         raise ValueError("--limit must be >= 1")
     items = None
     if args.task != "synthetic":  # read (and check) the data before spending time on the model
-        items = tasks_mod.load_items(args.task, args.data, args.image_dir, args.split, args.limit)
-    from ziya_jax.chat import load_tokenizers
-    from ziya_jax.checkpoint import load_model
-
-    params, cfg = load_model(args.checkpoint)
-    tok, qtok = load_tokenizers(args.tokenizer or os.path.join(args.checkpoint, "tokenizer"))
+        items = tasks_mod.load_items(args.task, args.data, args.image_dir, args.split, args.limit,
+                                     args.allow_any_image_path)
+    model = cli.load(args, decode=False)  # retrieval and choice scoring run the stacked model
+    params, cfg, tok, qtok = model.params, model.cfg, model.tok, model.qtok
     os.makedirs(args.out, exist_ok=True)
     if args.task == "synthetic":
         return _synthetic(args, params, cfg, tok, qtok)

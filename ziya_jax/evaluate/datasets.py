@@ -1,6 +1,7 @@
 """Readers of the benchmarks' public annotation files, in the formats they are released in (nothing is
 downloaded). Each reader takes `data` (the annotation file, or the folder holding it under its released name),
-`image_dir` (default: the annotation file's folder) and a split, and checks that every image exists.
+`image_dir` (default: the annotation file's folder) and a split, and checks that every image exists and lies
+inside the image folder (no absolute paths, `..` or symlinks out of it) unless `allow_any_image_path`.
 
 | task          | annotation file(s) (released names)                                   | image path                          |
 |---------------|-----------------------------------------------------------------------|-------------------------------------|
@@ -21,6 +22,8 @@ import json
 import os
 import re
 from collections.abc import Sequence
+
+from ziya_jax.paths import inside
 
 
 @dataclasses.dataclass
@@ -71,25 +74,39 @@ def _load_json(path: str):
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def _field(record, key: str, where: str):
+def _field(record, key: str, where: str, kind: type | tuple[type, ...] = object):
+    """record[key], which must be there and be of `kind`."""
     if not isinstance(record, dict) or key not in record:
         raise ValueError(f"{where}: missing field {key!r}")
+    if not isinstance(record[key], kind):
+        want = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"{where}: field {key!r} is {type(record[key]).__name__} {record[key]!r:.40}, want {want}")
     return record[key]
+
+
+def _answers(record, where: str) -> list[str]:
+    """The `answers` field of VQA and VizWiz: a list of {"answer": str, ...}."""
+    return [_field(a, "answer", where, str) for a in _field(record, "answers", where, list)]
 
 
 def _image_dir(image_dir: str | None, annotation: str) -> str:
     return image_dir or os.path.dirname(os.path.abspath(annotation))
 
 
-def _resolve(image_dir: str, candidates: Sequence[str]) -> str | None:
+def _resolve(image_dir: str, candidates: Sequence[str], item_id: str, allow_any_image_path: bool) -> str | None:
+    for c in candidates:
+        if not allow_any_image_path and not inside(image_dir, c):
+            raise ValueError(f"image {c!r} of example {item_id} leads outside the image folder {image_dir}; "
+                             "pass --allow-any-image-path if the annotations are trusted")
     return next((p for p in (os.path.join(image_dir, c) for c in candidates) if os.path.isfile(p)), None)
 
 
-def _check_images(items, image_dir: str, candidates) -> list:
-    """Sets item.image to the first existing candidate path; all missing -> one error naming a few."""
+def _check_images(items, image_dir: str, candidates, allow_any_image_path: bool = False) -> list:
+    """Sets item.image to the first existing candidate path; all missing -> one error naming a few. A candidate
+    leading out of image_dir is refused (unless allow_any_image_path) before it is looked up."""
     missing = []
     for item in items:
-        path = _resolve(image_dir, candidates(item))
+        path = _resolve(image_dir, candidates(item), item.id, allow_any_image_path)
         if path is None:
             missing.append(candidates(item)[0])
         else:
@@ -100,42 +117,47 @@ def _check_images(items, image_dir: str, candidates) -> list:
     return items
 
 
-def read_coco_captions(path: str, image_dir: str | None = None) -> list[CaptionItem]:
+def read_coco_captions(path: str, image_dir: str | None = None, allow_any_image_path: bool = False
+                       ) -> list[CaptionItem]:
     """COCO captions JSON ({images: [{id, file_name, ...}], annotations: [{image_id, caption}]}), e.g. NoCaps."""
     data = _load_json(path)
-    images = {img["id"]: img for img in _field(data, "images", path)}
+    images = {_field(img, "id", path, (int, str)): img for img in _field(data, "images", path, list)}
     refs: dict = {}
-    for ann in _field(data, "annotations", path):
-        refs.setdefault(_field(ann, "image_id", path), []).append(_field(ann, "caption", path))
+    for ann in _field(data, "annotations", path, list):
+        refs.setdefault(_field(ann, "image_id", path, (int, str)), []).append(_field(ann, "caption", path, str))
     items = []
     for image_id, img in images.items():
         meta = {k: img[k] for k in ("domain",) if k in img}
-        items.append(CaptionItem(str(image_id), _field(img, "file_name", path), refs.get(image_id, []), meta))
+        items.append(CaptionItem(str(image_id), _field(img, "file_name", path, str), refs.get(image_id, []), meta))
     items = [it for it in items if it.references]
-    return _check_images(items, _image_dir(image_dir, path), lambda it: [it.image])
+    return _check_images(items, _image_dir(image_dir, path), lambda it: [it.image], allow_any_image_path)
 
 
-def read_nocaps(data: str, image_dir: str | None = None, split: str = "val") -> list[CaptionItem]:
-    return read_coco_captions(_locate(data, [f"nocaps_{split}_4500_captions.json"]), image_dir)
+def read_nocaps(data: str, image_dir: str | None = None, split: str = "val", allow_any_image_path: bool = False
+                ) -> list[CaptionItem]:
+    return read_coco_captions(_locate(data, [f"nocaps_{split}_4500_captions.json"]), image_dir, allow_any_image_path)
 
 
-def read_karpathy(data: str, image_dir: str | None = None, split: str = "test") -> list[CaptionItem]:
+def read_karpathy(data: str, image_dir: str | None = None, split: str = "test", allow_any_image_path: bool = False
+                  ) -> list[CaptionItem]:
     """Karpathy's dataset_*.json: {images: [{filename, split, sentences: [{raw}], filepath?}]}."""
     path = _locate(data, ["dataset_flickr30k.json", "dataset_coco.json"])
     items = []
-    for img in _field(_load_json(path), "images", path):
+    for img in _field(_load_json(path), "images", path, list):
         if _field(img, "split", path) != split:
             continue
-        name = _field(img, "filename", path)
-        rel = os.path.join(img["filepath"], name) if img.get("filepath") else name
-        refs = [s["raw"] for s in _field(img, "sentences", path)]
+        name = _field(img, "filename", path, str)
+        rel = os.path.join(_field(img, "filepath", path, str), name) if img.get("filepath") else name
+        refs = [_field(s, "raw", path, str) for s in _field(img, "sentences", path, list)]
         items.append(CaptionItem(str(img.get("imgid", name)), rel, refs))
     if not items:
         raise ValueError(f"{path} has no images in split {split!r}")
-    return _check_images(items, _image_dir(image_dir, path), lambda it: [it.image, os.path.basename(it.image)])
+    return _check_images(items, _image_dir(image_dir, path), lambda it: [it.image, os.path.basename(it.image)],
+                         allow_any_image_path)
 
 
-def read_tsv_captions(path: str, image_dir: str | None = None, keep: set[str] | None = None) -> list[CaptionItem]:
+def read_tsv_captions(path: str, image_dir: str | None = None, keep: set[str] | None = None,
+                      allow_any_image_path: bool = False) -> list[CaptionItem]:
     """`IMAGE#k<TAB>caption` lines (Flickr30k-CN/CNA, COCO-CN); IMAGE may carry .jpg; `keep` filters ids."""
     refs: dict[str, list[str]] = {}
     with open(path, encoding="utf-8") as f:
@@ -156,32 +178,36 @@ def read_tsv_captions(path: str, image_dir: str | None = None, keep: set[str] | 
         return [f"{it.id}.jpg", os.path.join(subset, f"{it.id}.jpg"), it.id]
 
     items = [CaptionItem(k, k, v) for k, v in refs.items()]
-    return _check_images(items, _image_dir(image_dir, path), candidates)
+    return _check_images(items, _image_dir(image_dir, path), candidates, allow_any_image_path)
 
 
-def read_flickr30k_cna(data: str, image_dir: str | None = None, split: str = "test") -> list[CaptionItem]:
-    return read_tsv_captions(_locate(data, [f"flickr30k_cn_{split}.txt", f"{split}.txt"]), image_dir)
+def read_flickr30k_cna(data: str, image_dir: str | None = None, split: str = "test",
+                       allow_any_image_path: bool = False) -> list[CaptionItem]:
+    return read_tsv_captions(_locate(data, [f"flickr30k_cn_{split}.txt", f"{split}.txt"]), image_dir,
+                             allow_any_image_path=allow_any_image_path)
 
 
-def read_coco_cn(data: str, image_dir: str | None = None, split: str = "test") -> list[CaptionItem]:
+def read_coco_cn(data: str, image_dir: str | None = None, split: str = "test", allow_any_image_path: bool = False
+                 ) -> list[CaptionItem]:
     path = _locate(data, ["imageid.human-written-caption.txt"])
     split_file = os.path.join(os.path.dirname(path), f"coco-cn_{split}.txt")
     if not os.path.isfile(split_file):
         raise FileNotFoundError(f"COCO-CN split list {split_file} not found")
     with open(split_file, encoding="utf-8") as f:
         keep = {line.strip() for line in f if line.strip()}
-    return read_tsv_captions(path, image_dir, keep)
+    return read_tsv_captions(path, image_dir, keep, allow_any_image_path)
 
 
-def read_captions(data: str, image_dir: str | None = None, split: str = "test") -> list[CaptionItem]:
+def read_captions(data: str, image_dir: str | None = None, split: str = "test", allow_any_image_path: bool = False
+                  ) -> list[CaptionItem]:
     """Any of the caption formats above, recognised by content (for retrieval on a chosen caption set)."""
     if os.path.isfile(data) and data.endswith(".txt"):
-        return read_tsv_captions(data, image_dir)
+        return read_tsv_captions(data, image_dir, allow_any_image_path=allow_any_image_path)
     path = data if os.path.isfile(data) else None
     if path is None:
         for reader in (read_flickr30k_cna, read_coco_cn, read_karpathy):
             try:
-                return reader(data, image_dir, split)
+                return reader(data, image_dir, split, allow_any_image_path=allow_any_image_path)
             except FileNotFoundError as e:
                 if "holds none of" not in str(e):
                     raise
@@ -189,76 +215,87 @@ def read_captions(data: str, image_dir: str | None = None, split: str = "test") 
                                 f"imageid.human-written-caption.txt or dataset_*.json)")
     content = _load_json(path)
     if isinstance(content, dict) and "annotations" in content:
-        return read_coco_captions(path, image_dir)
-    return read_karpathy(path, image_dir, split)
+        return read_coco_captions(path, image_dir, allow_any_image_path)
+    return read_karpathy(path, image_dir, split, allow_any_image_path)
 
 
-def read_vqa(data: str, image_dir: str | None = None, split: str = "val2014", okvqa: bool = False) -> list[VQAItem]:
+def read_vqa(data: str, image_dir: str | None = None, split: str = "val2014", okvqa: bool = False,
+             allow_any_image_path: bool = False) -> list[VQAItem]:
     """VQA v2 / OK-VQA: the questions file and the annotations file of one split."""
     prefix = "" if okvqa else "v2_"
     q_path = _locate(data, [f"{prefix}OpenEnded_mscoco_{split}_questions.json"])
     a_path = _locate(os.path.dirname(q_path) if os.path.isfile(data) else data,
                      [f"{prefix}mscoco_{split}_annotations.json"])
-    questions = {q["question_id"]: q for q in _field(_load_json(q_path), "questions", q_path)}
+    questions = {_field(q, "question_id", q_path, (int, str)): _field(q, "question", q_path, str)
+                 for q in _field(_load_json(q_path), "questions", q_path, list)}
     items = []
-    for ann in _field(_load_json(a_path), "annotations", a_path):
-        qid = _field(ann, "question_id", a_path)
+    for ann in _field(_load_json(a_path), "annotations", a_path, list):
+        qid = _field(ann, "question_id", a_path, (int, str))
         if qid not in questions:
             raise ValueError(f"{a_path}: question {qid} is not in {q_path}")
-        answers = [a["answer"] for a in _field(ann, "answers", a_path)]
-        items.append(VQAItem(str(qid), str(ann["image_id"]), questions[qid]["question"], answers,
-                             {"answer_type": ann.get("answer_type", "")}))
+        items.append(VQAItem(str(qid), str(_field(ann, "image_id", a_path, int)), questions[qid],
+                             _answers(ann, a_path), {"answer_type": ann.get("answer_type", "")}))
     def candidates(it):
         name = f"COCO_{split}_{int(it.image):012d}.jpg"
         return [name, os.path.join(split, name)]
 
-    return _check_images(items, _image_dir(image_dir, q_path), candidates)
+    return _check_images(items, _image_dir(image_dir, q_path), candidates, allow_any_image_path)
 
 
-def read_gqa(data: str, image_dir: str | None = None, split: str = "testdev") -> list[VQAItem]:
+def read_gqa(data: str, image_dir: str | None = None, split: str = "testdev", allow_any_image_path: bool = False
+             ) -> list[VQAItem]:
     path = _locate(data, [f"{split}_balanced_questions.json"])
     content = _load_json(path)
     if not isinstance(content, dict):
         raise ValueError(f"{path}: expected {{question_id: {{imageId, question, answer}}}}")
-    items = [VQAItem(str(qid), _field(q, "imageId", path), _field(q, "question", path), [_field(q, "answer", path)])
-             for qid, q in content.items()]
-    return _check_images(items, _image_dir(image_dir, path), lambda it: [f"{it.image}.jpg", it.image])
+    items = [VQAItem(str(qid), _field(q, "imageId", path, str), _field(q, "question", path, str),
+                     [_field(q, "answer", path, str)]) for qid, q in content.items()]
+    return _check_images(items, _image_dir(image_dir, path), lambda it: [f"{it.image}.jpg", it.image],
+                         allow_any_image_path)
 
 
-def read_scienceqa(data: str, image_dir: str | None = None, split: str = "test") -> list[ChoiceItem]:
+def read_scienceqa(data: str, image_dir: str | None = None, split: str = "test", allow_any_image_path: bool = False
+                   ) -> list[ChoiceItem]:
     """ScienceQA-IMG: the split's problems that have an image."""
     path = _locate(data, ["problems.json"])
     splits_path = os.path.join(os.path.dirname(path), "pid_splits.json")
     problems = _load_json(path)
-    pids = _load_json(splits_path).get(split) if os.path.isfile(splits_path) else None
-    if pids is None:
+    if not isinstance(problems, dict):
+        raise ValueError(f"{path}: expected {{problem id: {{question, choices, answer, image, ...}}}}")
+    splits = _load_json(splits_path) if os.path.isfile(splits_path) else {}
+    if not isinstance(splits, dict) or split not in splits:
         raise FileNotFoundError(f"split {split!r} not found: need {splits_path} with that key")
     items = []
-    for pid in pids:
+    for pid in _field(splits, split, splits_path, list):
         p = problems.get(str(pid))
         if p is None:
             raise ValueError(f"{splits_path}: problem {pid} is not in {path}")
+        where = f"{path}: problem {pid}"
+        if not isinstance(p, dict):
+            raise ValueError(f"{where} is {type(p).__name__}, want an object")
         if not p.get("image"):
             continue
-        choices = _field(p, "choices", path)
-        answer = _field(p, "answer", path)
+        choices = _field(p, "choices", where, list)
+        answer = _field(p, "answer", where, int)
         if not 0 <= answer < len(choices):
-            raise ValueError(f"{path}: problem {pid} answer {answer} is not one of its {len(choices)} choices")
-        items.append(ChoiceItem(str(pid), p["image"], _field(p, "question", path), list(choices), answer,
-                                p.get("hint") or ""))
+            raise ValueError(f"{where}: answer {answer} is not one of its {len(choices)} choices")
+        items.append(ChoiceItem(str(pid), _field(p, "image", where, str), _field(p, "question", where, str),
+                                [str(c) for c in choices], answer, str(p.get("hint") or "")))
     root = image_dir or os.path.join(os.path.dirname(os.path.abspath(path)), "images")
-    return _check_images(items, root, lambda it: [os.path.join(split, it.id, it.image)])
+    return _check_images(items, root, lambda it: [os.path.join(split, it.id, it.image)], allow_any_image_path)
 
 
-def read_vizwiz(data: str, image_dir: str | None = None, split: str = "val") -> list[VQAItem]:
+def read_vizwiz(data: str, image_dir: str | None = None, split: str = "val", allow_any_image_path: bool = False
+                ) -> list[VQAItem]:
     path = _locate(data, [f"{split}.json"])
     records = _load_json(path)
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a list of {{image, question, answers}}")
     items = []
-    for r in records:
-        answers = [a["answer"] for a in _field(r, "answers", path)]
+    for n, r in enumerate(records):
+        where = f"{path}: [{n}]"
+        image = _field(r, "image", where, str)
         meta = {"answer_type": r.get("answer_type", ""), "answerable": r.get("answerable")}
-        items.append(VQAItem(_field(r, "image", path), _field(r, "image", path), _field(r, "question", path),
-                             answers, meta))
-    return _check_images(items, _image_dir(image_dir, path), lambda it: [it.image, os.path.join(split, it.image)])
+        items.append(VQAItem(image, image, _field(r, "question", where, str), _answers(r, where), meta))
+    return _check_images(items, _image_dir(image_dir, path), lambda it: [it.image, os.path.join(split, it.image)],
+                         allow_any_image_path)

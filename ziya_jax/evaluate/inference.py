@@ -21,17 +21,15 @@ from ziya_jax.data import formats
 from ziya_jax.decode import DecodeConfig, generate
 from ziya_jax.model import ZiyaVisual
 
-QFORMER_TEXT_LEN = 128  # InstructBLIP's instruction budget, capped by the Q-Former's positions
 RETRIEVAL_TEXT_LEN = 32  # BLIP-2's max_txt_len for ITC/ITM
 
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
     """One question about one image: `query` is the user's text (no placeholder), `pixels` [S, S, 3]
-    normalised; `instruction` is what a Chat model's Q-Former reads (default: the query)."""
+    normalised. The model input is built from it as training builds it (formats.prompt_input)."""
     query: str
     pixels: np.ndarray
-    instruction: str | None = None
 
 
 def round_up(n: int, bucket: int) -> int:
@@ -46,12 +44,11 @@ class Generator:
     """Decodes answers to many prompts: rows padded to batch_size, prompts to one bucketed length."""
 
     def __init__(self, params, cfg: ModelConfig, tokenizer, qformer_tokenizer=None, *, batch_size: int = 32,
-                 bucket: int = 16, qformer_text_len: int = QFORMER_TEXT_LEN):
+                 bucket: int = 16):
         if cfg.variant == "chat" and qformer_tokenizer is None:
             raise ValueError("a Chat model needs the Q-Former tokenizer")
         self.params, self.cfg, self.tok, self.qtok = params, cfg, tokenizer, qformer_tokenizer
         self.batch_size, self.bucket = batch_size, bucket
-        self.qformer_text_len = min(qformer_text_len, cfg.qformer.max_position_embeddings)
 
     def decode(self, tokens) -> str:
         """New tokens -> text, without EOS and without ids the tokenizer has no piece for (the image
@@ -60,17 +57,12 @@ class Generator:
                 and 0 <= t < self.tok.vocab_size]
         return self.tok.decode(keep).strip()
 
-    def prompt_ids(self, query: str) -> list[int]:
-        return formats.encode_prompt([], query, self.tok, self.cfg.image_token_id, self.cfg.num_query_tokens,
-                                     prefix=formats.IMAGE)
+    def inputs(self, prompt: Prompt, max_new_tokens: int) -> dict[str, np.ndarray]:
+        return formats.prompt_input([formats.Turn(prompt.query, None)], 1, self.tok, self.qtok, self.cfg,
+                                    max_new_tokens)
 
-    def _qformer(self, texts: Sequence[str]) -> dict:
-        if self.cfg.variant != "chat":
-            return {}
-        enc = [formats.encode_qformer_text(t, self.qtok, self.qformer_text_len) for t in texts]
-        return {"qformer_ids": np.stack([e["ids"] for e in enc]), "qformer_mask": np.stack([e["mask"] for e in enc])}
-
-    def _padded(self, prompts: Sequence[Prompt], ids: list[list[int]], length: int, start: int, stop: int):
+    def _padded(self, prompts: Sequence[Prompt], inputs: list[dict], ids: list[list[int]], length: int, start: int,
+                stop: int):
         rows = list(range(start, stop)) + [stop - 1] * (self.batch_size - (stop - start))  # repeat the last row
         input_ids = np.full((len(rows), length), self.tok.pad_id, np.int32)
         mask = np.zeros((len(rows), length), np.int32)
@@ -78,25 +70,22 @@ class Generator:
             input_ids[r, length - len(ids[i]):] = ids[i]
             mask[r, length - len(ids[i]):] = 1
         pixels = np.stack([prompts[i].pixels for i in rows])[:, None].astype(np.float32)
-        qformer = self._qformer([prompts[i].instruction if prompts[i].instruction is not None else prompts[i].query
-                                 for i in rows])
+        qformer = {k: np.stack([inputs[i][k] for i in rows]) for k in ("qformer_ids", "qformer_mask")
+                   if k in inputs[0]}
         return input_ids, mask, pixels, qformer
 
     def __call__(self, prompts: Sequence[Prompt], dc: DecodeConfig, desc: str = "generate") -> list[str]:
         if not prompts:
             return []
         dc = dataclasses.replace(dc, eos_token_id=self.tok.eos_id, pad_token_id=self.tok.pad_id)
-        ids = [self.prompt_ids(p.query) for p in prompts]
+        inputs = [self.inputs(p, dc.max_new_tokens) for p in prompts]
+        ids = [list(x["input_ids"]) for x in inputs]
         length = round_up(max(map(len, ids)), self.bucket)
-        limit = self.cfg.llm.max_position_embeddings
-        if length + dc.max_new_tokens > limit:
-            length = max(map(len, ids))
-            if length + dc.max_new_tokens > limit:
-                raise ValueError(f"prompts of {length} tokens + {dc.max_new_tokens} new tokens exceed the model's "
-                                 f"context of {limit}")
+        if length + dc.max_new_tokens > self.cfg.llm.max_position_embeddings:
+            length = max(map(len, ids))  # the bucket would not fit; every prompt does (prompt_input checked)
         answers = []
         for start, stop in tqdm(_batches(len(prompts), self.batch_size), desc=desc, unit="batch", leave=False):
-            input_ids, mask, pixels, qformer = self._padded(prompts, ids, length, start, stop)
+            input_ids, mask, pixels, qformer = self._padded(prompts, inputs, ids, length, start, stop)
             tokens, lengths = generate(self.params, self.cfg, input_ids, mask, pixels, dc=dc, **qformer)
             for r in range(stop - start):
                 answers.append(self.decode(tokens[r, :lengths[r]]))
@@ -108,12 +97,13 @@ class Generator:
         flat = [(i, c) for i, cs in enumerate(choices) for c in cs]
         if not flat:
             return [[] for _ in prompts]
-        prompt_ids = [self.prompt_ids(p.query) for p in prompts]
-        seqs, targets = [], []
+        prompt_inputs = [self.inputs(p, 0) for p in prompts]
+        seqs, targets, sub_inputs = [], [], []
         for i, c in flat:
             answer = self.tok.encode(c) + [self.tok.eos_id]
-            seqs.append(prompt_ids[i] + answer)
+            seqs.append(list(prompt_inputs[i]["input_ids"]) + answer)
             targets.append(len(answer))
+            sub_inputs.append(prompt_inputs[i])
         length = round_up(max(map(len, seqs)), self.bucket)
         if length > self.cfg.llm.max_position_embeddings:
             raise ValueError(f"a prompt with a choice has {max(map(len, seqs))} tokens; the model's context is "
@@ -121,7 +111,7 @@ class Generator:
         scores = []
         sub = [prompts[i] for i, _ in flat]
         for start, stop in tqdm(_batches(len(flat), self.batch_size), desc=desc, unit="batch", leave=False):
-            input_ids, mask, pixels, qformer = self._padded(sub, seqs, length, start, stop)
+            input_ids, mask, pixels, qformer = self._padded(sub, sub_inputs, seqs, length, start, stop)
             answer_mask = np.zeros_like(mask)
             rows = list(range(start, stop)) + [stop - 1] * (self.batch_size - (stop - start))
             for r, k in enumerate(rows):

@@ -61,8 +61,8 @@ def evaluate_synthetic(params, cfg: ModelConfig, tokenizer, qformer_tokenizer, *
     """{lang: {'vqa_em', 'cider', 'bleu4', 'grounding_acc', 'retrieval_ir1', 'retrieval_tr1', ..., 'n'}} on the
     first n test examples (x100). Retrieval runs only when params hold the stage-1 heads (vision_proj, text_proj)
     and a Q-Former tokenizer is given; otherwise its keys are absent. 'predictions' holds every decoded
-    {task, question, prediction, reference[, kind]}; show > 0 adds 'examples': that many of them per language,
-    taken from the tasks in turn."""
+    {task, image, question, prediction, reference[, kind]}; show > 0 adds 'examples': that many of them per language,
+    taken from the tasks in turn. 'image' is the test image's index (synthetic.generate("test", image, ...))."""
     unknown = set(tasks) - set(TASKS)
     if unknown or not tasks:
         raise ValueError(f"unknown synthetic tasks {sorted(unknown)}; known: {list(TASKS)}")
@@ -87,10 +87,11 @@ def evaluate_synthetic(params, cfg: ModelConfig, tokenizer, qformer_tokenizer, *
                     desc=f"synthetic {'+'.join(group)}")
         for task in group:
             for lang in langs:
-                rows = [(ex, p) for (t, l, _, ex), p in zip(flat, preds) if (t, l) == (task, lang)]
-                predicted[lang][task] = [{"task": task, "question": ex.query, "prediction": p,
-                                      "reference": ex.reference} | ({"kind": ex.kind} if ex.kind else {})
-                                     for ex, p in rows]
+                rows = [(i, ex, p) for (t, l, i, ex), p in zip(flat, preds) if (t, l) == (task, lang)]
+                predicted[lang][task] = [{"task": task, "image": i, "question": ex.query, "prediction": p,
+                                          "reference": ex.reference} | ({"kind": ex.kind} if ex.kind else {})
+                                         for i, ex, p in rows]
+                rows = [(ex, p) for _, ex, p in rows]
                 results[lang] |= _score(task, rows, lang, en_tokenizer)
     if "retrieval" in tasks and inference.has_itc_heads(params) and qformer_tokenizer is not None:
         stacked = np.stack(pixels)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ziya_jax.chat import load_image
+from ziya_jax.data.images import load_image
 from ziya_jax.data import formats
 from ziya_jax.decode import DecodeConfig
 from ziya_jax.evaluate import captioning, datasets, inference, retrieval, vqa
@@ -30,7 +31,7 @@ TASKS = {
     "coco_cn": Task("caption", "zh", datasets.read_coco_cn, "test", 40),
     "flickr30k_cna": Task("caption", "zh", datasets.read_flickr30k_cna, "test", 40),
     "vqav2": Task("vqa", "en", datasets.read_vqa, "val2014", 10),
-    "okvqa": Task("vqa", "en", lambda d, i, s: datasets.read_vqa(d, i, s, okvqa=True), "val2014", 10),
+    "okvqa": Task("vqa", "en", functools.partial(datasets.read_vqa, okvqa=True), "val2014", 10),
     "gqa": Task("exact", "en", datasets.read_gqa, "testdev", 10),
     "scienceqa_img": Task("choice", "en", datasets.read_scienceqa, "test", 0),
     "vizwiz": Task("vizwiz", "en", datasets.read_vizwiz, "val", 10),
@@ -67,11 +68,15 @@ def output_name(task: str, lang: str, data_name: str = "") -> str:
     return f"{task}_zh" if task in TRANSLATABLE and lang == "zh" else task
 
 
-def load_items(task: str, data: str, image_dir: str | None, split: str | None, limit: int | None):
+def load_items(task: str, data: str, image_dir: str | None, split: str | None, limit: int | None,
+               allow_any_image_path: bool = False):
+    """The task's examples (checked, see `datasets`); an empty set is refused, as it has no score."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)} and synthetic")
     spec = TASKS[task]
-    items = spec.reader(data, image_dir, split or spec.split)
+    items = spec.reader(data, image_dir, split or spec.split, allow_any_image_path=allow_any_image_path)
+    if not items:
+        raise ValueError(f"{data}: no {task} examples in split {split or spec.split!r}; nothing to evaluate")
     return items[:limit] if limit else items
 
 
@@ -111,7 +116,7 @@ def run_task(task: str, items: Sequence, params, cfg, tokenizer, qformer_tokeniz
         return records, scores | {"n": len(items)}
     template = settings.prompt or PROMPTS["vizwiz" if spec.kind == "vizwiz" else "vqa"][lang]
     queries = [template.format(question=it.question) for it in items]
-    preds = gen([inference.Prompt(q, p, it.question) for q, p, it in zip(queries, pixels, items)], dc, desc=task)
+    preds = gen([inference.Prompt(q, p) for q, p in zip(queries, pixels)], dc, desc=task)
     records, per_type = [], {}
     for it, pred in zip(items, preds):
         if spec.kind == "exact":
@@ -138,7 +143,7 @@ def _choice(items, pixels, gen: inference.Generator, settings: Settings):
         options = " ".join(f"({LETTERS[k]}) {c}" for k, c in enumerate(it.choices))
         context = f"Context: {it.context}\n" if it.context else ""
         query = template.format(context=context, question=it.question, options=options)
-        prompts.append(inference.Prompt(query, px, it.question))
+        prompts.append(inference.Prompt(query, px))
         letters.append(list(LETTERS[:len(it.choices)]))
     logps = gen.choice_logprobs(prompts, letters)
     records = []

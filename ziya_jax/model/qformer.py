@@ -172,6 +172,9 @@ class QFormer(nn.Module):
         if text_ids is not None:
             if not self.cfg.text_branch:
                 raise ValueError("this Q-Former has no text branch (model.qformer.text_branch=False)")
+            if text_ids.shape[-1] > self.cfg.max_position_embeddings:  # a lookup past the table gives NaN
+                raise ValueError(f"Q-Former text of {text_ids.shape[-1]} tokens; the Q-Former has "
+                                 f"{self.cfg.max_position_embeddings} positions")
             positions = jnp.arange(text_ids.shape[1])
             parts.append(self.word_embeddings(text_ids) + self.position_embeddings(positions)[None])
         else:

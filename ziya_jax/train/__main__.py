@@ -47,13 +47,28 @@ def main(argv=None) -> int:
         print(f"error: --workdir {args.workdir}: give a filesystem path (every host of a multi-host job must see "
               "the same one; mount a bucket with gcsfuse, as launch/tpu.py does)", file=sys.stderr)
         return 2
-    from ziya_jax.train.loop import Preempted, TrainingDiverged, run
+    from ziya_jax.train.loop import Preempted, TrainingDiverged, check_config, run
 
-    os.makedirs(args.workdir, exist_ok=True)
-    with open(os.path.join(args.workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=1))
+    try:
+        check_config(config)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+        print(f"error: --workdir {args.workdir} exists and is not a folder", file=sys.stderr)
+        return 2
+    try:
+        os.makedirs(args.workdir, exist_ok=True)
+        with open(os.path.join(args.workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=1))
+    except OSError as e:
+        print(f"error: --workdir {args.workdir}: cannot write there ({e.strerror or e})", file=sys.stderr)
+        return 2
     try:
         results = run(config, args.workdir)
+    except (ValueError, FileNotFoundError) as e:  # settings only the run itself can check
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental.multihost_utils import sync_global_devices
+
+from ziya_jax.checkpoint import save_model
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,20 @@ class Checkpoints:
 
     def close(self):
         self.manager.close()
+
+
+def save_final(final: str, params, cfg) -> None:
+    """A stage's model, written to `final.tmp` and renamed, so `final` (which marks the stage done) only ever
+    appears whole; a `final.tmp` a killed run left behind is removed first. Every process writes its shards."""
+    tmp = final + ".tmp"
+    if jax.process_index() == 0 and os.path.exists(tmp):
+        log.warning("removing %s, left by a run stopped while writing it", tmp)
+        shutil.rmtree(tmp)
+    sync_global_devices("leftover model removed")
+    save_model(tmp, params, cfg)
+    if jax.process_index() == 0:
+        os.replace(tmp, final)
+    sync_global_devices("final model in place")
 
 
 def abstract(tree):

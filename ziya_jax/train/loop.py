@@ -20,17 +20,17 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental.multihost_utils import sync_global_devices
 
-from ziya_jax.checkpoint import load_model, load_model_config, save_model
+from ziya_jax.checkpoint import load_model, load_model_config
 from ziya_jax.config import ModelConfig
 from ziya_jax.data import pipeline, synthetic
+from ziya_jax.data.tokenizers import check_vocabularies, load_tokenizers
 from ziya_jax.data.tfds_builders import data_source
 from ziya_jax.sharding import global_batch, init_sharded, make_mesh, param_shardings, rules_from_config
-from ziya_jax.train.checkpoints import Checkpoints, abstract
+from ziya_jax.train.checkpoints import Checkpoints, abstract, save_final
 from ziya_jax.train.observe import Reporter, matmul_flops, peak_flops
 from ziya_jax.train.optimizer import logged_lr, make_optimizer
-from ziya_jax.train.sharded import jit_train_step, state_shardings
+from ziya_jax.train.sharded import jit_train_step, qformer_text_len, state_shardings
 from ziya_jax.train.step import Stage, init_state
 from ziya_jax.train.vision import train_vision
 from ziya_jax.tree import flatten, unflatten
@@ -49,9 +49,27 @@ class Preempted(RuntimeError):
     """SIGTERM: the state was saved; rerunning the command resumes."""
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Refuses, before anything is written, settings that would train nothing or fail only later: a stage
+    without a positive step count would write an untrained model that the next run takes as done."""
+    stages = config.stages.items() if "stages" in config else [("", config)]
+    for name, stage in stages:
+        prefix = f"stages.{name}." if name else ""
+        total = stage.train.optimizer.total_steps
+        if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+            raise ValueError(f"{prefix}train.optimizer.total_steps={total!r}: a stage trains at least one step")
+        if stage.get("kind") == "vision":
+            continue
+        directory = stage.data.tokenizers
+        if directory != DEMO_TOKENIZERS and not (isinstance(directory, str) and os.path.isdir(directory)):
+            raise ValueError(f"{prefix}data.tokenizers={directory!r}: no such folder (give a folder holding "
+                             f"llm.model or tokenizer.model, or {DEMO_TOKENIZERS!r})")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains the config's stage, or each of config.stages in the order of their names (ml_collections sorts
     them) -> {stage name: eval results}."""
+    check_config(config)
     if "stages" not in config:
         return {"stage": run_stage(config, workdir, workdir)}
     results, previous = {}, ""
@@ -66,26 +84,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def tokenizers(data: ml_collections.ConfigDict, root: str):
     """(LLM tokenizer, Q-Former tokenizer or None) from data.tokenizers: a folder, or "demo"."""
-    from ziya_jax.chat import load_tokenizers
-
     directory = data.tokenizers
     if directory == DEMO_TOKENIZERS:
         directory = os.path.join(root, "tokenizers")
         if not os.path.isfile(os.path.join(directory, "qformer.model")):
             synthetic.train_demo_tokenizers(directory)
     return load_tokenizers(directory)
-
-
-def check_vocabularies(tok, qtok, cfg: ModelConfig) -> None:
-    """Token ids past a model's embedding table raise no error under jit (JAX clips or fills out-of-range
-    indices), so tokenizers left in a workdir by an older config would train garbage silently."""
-    pairs = [("LLM", tok.vocab_size, "llm", cfg.llm.vocab_size)]
-    if qtok is not None and cfg.qformer.text_branch:
-        pairs.append(("Q-Former", qtok.vocab_size, "qformer", cfg.qformer.vocab_size))
-    for name, have, section, rows in pairs:
-        if have > rows:
-            raise ValueError(f"the {name} tokenizer has {have} ids but model.{section}.vocab_size is {rows}: "
-                             "use the tokenizers this model was configured for")
 
 
 def sources(data: ml_collections.ConfigDict, image_size: int) -> list[pipeline.Source]:
@@ -105,11 +109,12 @@ def sources(data: ml_collections.ConfigDict, image_size: int) -> list[pipeline.S
     return out
 
 
-def data_config(data: ml_collections.ConfigDict, cfg: ModelConfig) -> pipeline.DataConfig:
+def data_config(data: ml_collections.ConfigDict, cfg: ModelConfig, stage1: bool) -> pipeline.DataConfig:
     """This process's pipeline settings: a config's `data` for `cfg`'s model, data.batch_size / process_count
     rows a batch."""
     fields = {f.name for f in dataclasses.fields(pipeline.DataConfig)}
     options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.to_dict().items() if k in fields}
+    options["qformer_text_len"] = qformer_text_len(data, cfg, stage1)
     if options["batch_size"] % jax.process_count():
         raise ValueError(f"data.batch_size={options['batch_size']} (global) does not divide among "
                          f"{jax.process_count()} processes")
@@ -121,7 +126,7 @@ def data_config(data: ml_collections.ConfigDict, cfg: ModelConfig) -> pipeline.D
 def batches(data: ml_collections.ConfigDict, cfg: ModelConfig, stage1: bool, tok, qtok):
     """This process's Grain iterator (its disjoint share of the sources): image-caption pairs for stage 1,
     instruction rows otherwise."""
-    dcfg = data_config(data, cfg)
+    dcfg = data_config(data, cfg, stage1)
     srcs = sources(data, dcfg.image_size)
     if stage1:
         return iter(pipeline.pair_batches(srcs, dcfg, qtok))
@@ -200,6 +205,10 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
         start = 0
         if restored is not None:
             state, start = restored
+            if start > total:  # its model would not be the one this config trains
+                checkpoints.close()
+                raise ValueError(f"{workdir}: the checkpoint of step {start} is past train.optimizer.total_steps="
+                                 f"{total}; raise total_steps, or train in a new workdir")
             print(f"{workdir}: resuming from the checkpoint of step {start}")
         reporter = Reporter(workdir, total, start, config.log_every, f"stage {config.stage}")
         stop = _SigtermFlag()
@@ -265,10 +274,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
         if data_iter.skipped:
             print(f"{workdir}: skipped samples by reason: {dict(data_iter.skipped)}")
         params = state.params()
-        save_model(final + ".tmp", params, cfg)  # every process writes its shards
-        if jax.process_index() == 0:
-            os.replace(final + ".tmp", final)
-        sync_global_devices("final model in place")
+        save_final(final, params, cfg)
         results = evaluate(config, params, cfg, tok, qtok, show=config.eval.show)
         if jax.process_index() == 0:
             with open(os.path.join(workdir, EVAL_FILE), "w", encoding="utf-8") as f:

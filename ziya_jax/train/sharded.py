@@ -90,12 +90,23 @@ def abstract_batch(shapes: dict[str, tuple[tuple[int, ...], np.dtype]], mesh: Me
             for k, (shape, dtype) in shapes.items()}
 
 
+def qformer_text_len(data, cfg: ModelConfig, stage1: bool) -> int:
+    """Q-Former tokens a row holds: stage 1's captions (data.qformer_text_len), or a Chat model's instruction
+    (model.instruction_len, which inference reads from the saved model too); Base instruction rows hold none."""
+    if stage1:
+        return data.get("qformer_text_len", 0)
+    if "qformer_text_len" in data:
+        raise ValueError("data.qformer_text_len is stage 1's caption length; instruction stages take a Chat model's "
+                         "instruction length from model.instruction_len")
+    return cfg.instruction_len if cfg.variant == "chat" else 0
+
+
 def batch_shapes(data, cfg: ModelConfig, stage1: bool) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """The global batch the data pipeline yields for a config's `data` section (see ziya_jax.data.pipeline):
     image-caption pairs for stage 1, instruction rows otherwise."""
     b, size = data.batch_size, cfg.vision.image_size
     i32, f32 = np.dtype(np.int32), np.dtype(np.float32)
-    qlen = data.get("qformer_text_len", 0)
+    qlen = qformer_text_len(data, cfg, stage1)
     if stage1:
         return {"pixel_values": ((b, size, size, 3), f32), "text_ids": ((b, qlen), i32),
                 "text_mask": ((b, qlen), i32), "itg_ids": ((b, qlen), i32)}

@@ -17,8 +17,6 @@ finished one (its model/ folder exists) is skipped, as any stage. It runs in one
 """
 from __future__ import annotations
 
-import os
-
 import flax.linen as nn
 import grain
 import jax
@@ -27,11 +25,11 @@ import ml_collections
 import optax
 from PIL import Image
 
-from ziya_jax.checkpoint import save_model
 from ziya_jax.config import ModelConfig, VisionConfig
 from ziya_jax.data import images, synthetic
 from ziya_jax.model.vit import VisionTransformer
 from ziya_jax.model.ziya import init_params
+from ziya_jax.train.checkpoints import save_final
 from ziya_jax.train.observe import Reporter
 from ziya_jax.train.optimizer import logged_lr, make_optimizer
 
@@ -116,6 +114,5 @@ def train_vision(config: ml_collections.ConfigDict, workdir: str, final: str) ->
         reporter.close()
     print(f"{workdir}: validation cells read correctly: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     full["vision_model"] = params["vision_model"]
-    save_model(final + ".tmp", full, cfg)
-    os.replace(final + ".tmp", final)
+    save_final(final, full, cfg)
     return {}
