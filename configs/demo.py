@@ -6,31 +6,33 @@ model); --config configs/demo.py:stage=0|1a|1b|2|3[,variant=...] is one of them.
 Stage 0 stands in for the pretrained EVA-CLIP tower the paper starts from: it trains the ViT to read each grid
 cell's colour, shape and size (ziya_jax.train.vision), and stage 1 then keeps it frozen, as the paper does.
 The LLM vocabulary is the demo tokenizer's 640 pieces (trained into WORKDIR/tokenizers when missing) plus the
-image placeholder (id 640); the Q-Former's is the demo Q-Former tokenizer's 640 (at 512 it cut English words into
-letters, "large" into 5 pieces, and stage 1b's English retrieval IR@1 was 35.5; at 640, 66.5). Everything trains
+image placeholder (id 640); the Q-Former's is the demo Q-Former tokenizer's 640 (at 512 it cuts English words into
+letters, "large" into 5 pieces, and stage 1b's English retrieval IR@1 is 35.5; at 640, 66.5). Everything trains
 from scratch here, so the stages unfreeze what they must: stage 1 the Q-Former (ITC/ITM/ITG on captions) on the
 frozen stage-0 ViT, stage 2 the LLM and projection (and Chat's instruction-aware Q-Former, as in the paper) on the
 frozen ViT (instructions), stage 3 the Q-Former and projection plus LoRA on the ViT and LLM attention, as in the
-paper's stage 3. The LLM has 2 layers: on an H200, 2 layers learnt stage 2's VQA as fast per step as 4, and on
+paper's stage 3. The LLM has 2 layers: on an H200, 2 layers learn stage 2's VQA as fast per step as 4, and on
 2 CPU cores a step of 32 unpacked rows costs 0.3 s instead of 0.45 s. Its 16 heads of 16 learn VQA faster than
 8 of 32 or 4 of 64 (stage 2 alone, 1800 steps: 88.5/91.0, 83.5/82.5, 79.5/79.0), for ~20% more time a step;
-its MLP is 512 wide, where 768 cost 12% more a stage-2 step.
+its MLP is 512 wide, where 768 costs 12% more a stage-2 step.
 Stages 2 and 3 pack their rows (PACKED_ROWS below), which buys stage 2 ~1.4x the examples in the same time.
-Trained by stage 1's objectives instead of stage 0, the ViT learnt colours but not shapes or sizes, and the demo's
-VQA stayed near 52/50 (en/zh) with shape, position and yes/no questions at chance (issue 5's notes).
+Trained by stage 1's objectives instead of stage 0, the ViT learns colours but not shapes or sizes, and the demo's
+VQA stays near 52/50 (en/zh) with shape, position and yes/no questions at chance.
 
 Stage 1 trains ITG alone first (1a), then the paper's three losses together (1b). Trained from scratch with ITC
 beside it from the start, the Q-Former's queries become summaries of the whole image, and ITG predicts a
 caption's colours, shapes and positions from the bag of objects, not from which cell holds what (per-token loss of
 colour words ~1.6-1.9 nats, chance 1.8); the LLM then cannot tell which object is where either. ITG alone teaches
 the queries where each object is (colour and position words ~0.15-0.4), and the short joint part after it adds
-ITC/ITM with the Q-Former at a tenth of the rate, so that it keeps that (issue 5's notes).
+ITC/ITM with the Q-Former at a tenth of the rate, so that it keeps that.
 
-Initialisation (measured, see issue 5's notes): with the usual normal(0.02) everywhere the Q-Former's queries
-cannot learn which cell of the image holds what. The ViT's patch embeddings (768 pixels -> 128) are ~25x larger
-than 0.02 positions, so attention over its tokens is all content, and the 0.02 weights of a 128-wide Q-Former pass
-on ~5% image-dependent signal. Positions drawn at std 1.0 and Q-Former/LLM weights at ~1/sqrt(width) fix both; a
-probe reading every cell's colour from the queries then learns in ~200 steps instead of not at all.
+Initialisation: with the usual normal(0.02) everywhere the Q-Former's queries cannot learn which cell of the
+image holds what. The ViT's patch embeddings (768 pixels -> 128) are ~25x larger than 0.02 positions, so attention
+over its tokens is all content, and the 0.02 weights of a 128-wide Q-Former pass on ~5% image-dependent signal.
+Positions drawn at std 1.0 and Q-Former/LLM weights at ~1/sqrt(width) fix both; a probe reading every cell's
+colour from the queries then learns in ~200 steps instead of not at all.
+
+docs/demo.md has these findings in full, with the commands that reproduce them.
 """
 import ml_collections
 
@@ -49,7 +51,7 @@ TRAINABLE = {
 # Once stage 1a has trained it, the Q-Former learns slower than the fresh modules beside it: at the full rate, the
 # fresh LLM's first gradients wipe out what ITG taught it. Stages 1b and 3 train it at a tenth of the rate, Chat's
 # stage 2 at half (VQA en/zh after stage 2 alone, 1800 packed steps, 4 LLM heads: a tenth 71.5/68.0, 0.3 78.5/78.0,
-# half 79.5/79.0; the full rate 42.0/51.0 at step 900; issue 5's notes).
+# half 79.5/79.0; the full rate 42.0/51.0 at step 900; docs/demo.md).
 QFORMER_LR = {1: 0.1, 2: 0.5, 3: 0.1}
 # Instruction mixtures (task, weight) on the synthetic train split; VQA leads, as it is what the demo is scored on.
 MIXTURE = {
@@ -57,13 +59,13 @@ MIXTURE = {
     3: (("vqa", 3.0), ("grounding", 1.5), ("grounded_caption", 1.0), ("caption", 0.5), ("conversation", 1.0)),
 }
 # Stages 2 and 3 pack their rows (ziya_jax.data.pipeline): 8 rows of 128 tokens and 4 image slots hold ~30
-# examples. With 4 LLM heads a step cost ~0.19 s here, where 32 unpacked rows of 64 tokens (half of it padding)
-# cost ~0.3 s. 12 rows of 96 tokens and 3 slots hold ~34 examples but cost ~14% more a step.
+# examples. With 4 LLM heads a step costs ~0.19 s on 2 CPU cores, where 32 unpacked rows of 64 tokens (half of
+# it padding) cost ~0.3 s. 12 rows of 96 tokens and 3 slots hold ~34 examples but cost ~14% more a step.
 PACKED_ROWS = dict(pack=True, batch_size=8, text_len=128, max_images=4)
 # Chat's Q-Former instruction in stages 2 and 3: every single question fits in 16 Q-Former tokens with [CLS] and
 # [SEP]; a conversation's several questions keep their last ones (left truncation). 32 cost ~7% more a step.
 QFORMER_INSTRUCTION_LEN = 16
-# Stage 2 is where VQA is learnt, and VQA kept rising with the examples seen. On an H200, stage 2 alone from one
+# Stage 2 is where VQA is learnt, and VQA keeps rising with the examples seen. On an H200, stage 2 alone from one
 # stage-1b model (VQA en/zh on 500 test questions a language) reached 88.2/88.2 after 1700 steps, 87.4/90.4 and
 # 90.8/92.2 after 2000 (two seeds) and 96.0/95.4 after 2400; yes/no questions are learnt last.
 STEPS = {0: 400, 1: 150, 2: 2400, 3: 100}
@@ -84,7 +86,7 @@ def model_config(variant: str) -> dict:
         num_query_tokens=8,
         image_token_id=640,
         instruction_len=QFORMER_INSTRUCTION_LEN,
-        scan_unroll=4,  # every tower's layers as straight-line code: a stage-2 step is 13% faster here
+        scan_unroll=4,  # every tower's layers as straight-line code: a stage-2 step is 13% faster on 2 CPU cores
     )
 
 

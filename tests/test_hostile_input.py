@@ -384,3 +384,48 @@ def test_train_writes_a_model_only_after_its_steps_and_a_leftover_tmp_model_does
     shutil.rmtree(tmp_path / "model")
     refused(train(config_file, tmp_path, "stage=2,steps=1"), "checkpoint of step 2 is past", "total_steps=1")
     assert not os.path.exists(tmp_path / "model")
+
+
+# ----------------------------------------------------------------------------------------------- damaged models
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    import jax
+
+    from ziya_jax.checkpoint import save_model
+    from ziya_jax.config import ModelConfig, load_config
+    from ziya_jax.model.ziya import init_params
+
+    cfg = ModelConfig.from_dict(load_config(os.path.join(ROOT, "configs", "tiny.py") + ":stage=2").model.to_dict())
+    path = tmp_path_factory.mktemp("model") / "ckpt"
+    save_model(str(path), init_params(cfg, jax.random.key(0)), cfg)
+    return path
+
+
+def largest_array_file(ckpt) -> str:
+    files = [os.path.join(d, n) for d, _, names in os.walk(os.path.join(ckpt, "params")) for n in names
+             if os.sep + "d" + os.sep in os.path.join(d, n)]
+    return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+@pytest.mark.parametrize("command", [
+    ("generate", "--input-ids", "5,6"),
+    ("evaluate", "--task", "synthetic", "--limit", "2"),
+    ("convert", "to-hf"),
+])
+def test_a_damaged_model_checkpoint_is_one_line(tiny_model_dir, tmp_path, damage, command):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_model_dir, ckpt)
+    target = largest_array_file(ckpt)
+    if damage == "missing":
+        os.remove(target)
+    else:
+        with open(target, "r+b") as f:
+            f.truncate(os.path.getsize(target) // 2)
+    module, *args = command
+    args = ["to-hf", "--checkpoint", ckpt, "--out", tmp_path / "hf"] if module == "convert" else \
+        ["--checkpoint", ckpt, *args, *(["--out", tmp_path / "eval"] if module == "evaluate" else [])]
+    refused(cli(module, *args), ckpt)
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "eval").exists()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]

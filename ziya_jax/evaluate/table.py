@@ -1,8 +1,8 @@
 """The results table, laid out like the paper's English (Table 5) and Chinese (Table 6) benchmark tables, with
 Ziya-Visual-Chat's published numbers beside ours. All scores x100.
 
-The published numbers are those recorded in shared/REFERENCE.md from arXiv 2310.08166; a cell the record does
-not hold is printed as n/a rather than guessed.
+The published numbers are the paper's (arXiv 2310.08166; docs/reference.md lists them); a row without a
+published number below is printed as n/a rather than guessed.
 """
 from __future__ import annotations
 

@@ -7,9 +7,9 @@ training), the size at 0.53 (chance 0.33). So the demo first trains its ViT on w
 already sees: one linear head per attribute reads each patch token's grid cell (colour, shape, size, or empty)
 from the synthetic scenes, and one more head names each token's own cell. Without that last head a token's
 position part (the norm of its per-cell mean) is ~1.7 against ~8.8 of content, too weak for the Q-Former's queries
-to pick out a cell; with it, 6.6 against 8.2, and the Q-Former's ITG learns which object sits where (issue 5's
-notes). The heads are then dropped and the ViT is written into an otherwise freshly initialised model, which
-stage 1 starts from. Patch token i must be grid cell i: image_size / patch_size ==
+to pick out a cell; with it, 6.6 against 8.2, and the Q-Former's ITG learns which object sits where
+(docs/demo.md). The heads are then dropped and the ViT is written into an otherwise freshly initialised model,
+which stage 1 starts from. Patch token i must be grid cell i: image_size / patch_size ==
 synthetic.GRID.
 
 It takes well under a minute on 2 CPU cores, so it keeps no checkpoints: an interrupted run starts over, and a
