@@ -23,7 +23,12 @@ setup(
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "pycocoevalcap>=1.2",  # CIDEr / BLEU / METEOR scorers for captioning evaluation
         "jieba>=0.42",  # Chinese word segmentation for Chinese caption metrics
+        "qwix>=0.1.8",  # int8 weight-only quantisation for decoding (ziya_jax.quantize)
     ],
+    entry_points={"console_scripts": [
+        f"ziya-{name}=ziya_jax.{module}:main" for name, module in (
+            ("train", "train.__main__"), ("generate", "generate"), ("chat", "chat"),
+            ("evaluate", "evaluate.__main__"), ("convert", "convert.__main__"), ("compile", "compile"))]},
     extras_require={
         # Ground truth for the tests: transformers (PyTorch, CPU) on the same weights.
         "dev": ["pytest>=8", "torch==2.13.0", "transformers>=5.23,<6", "jax[tpu]"],

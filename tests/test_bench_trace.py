@@ -39,3 +39,5 @@ def test_device_timelines_are_summed_per_step_and_ops_ranked():
     assert [(op["name"], op["calls"]) for op in summary["top"]] == [("while", 0.5), ("gemm", 1.0), ("dot", 0.5),
                                                                      ("fusion", 0.5)]
     assert summary["top"][1]["s"] == pytest.approx(40e-6)
+    assert [(op["kind"], op["calls"]) for op in summary["kinds"]] == [("while", 0.5), ("gemm", 1.0), ("dot", 0.5),
+                                                                      ("fusion", 0.5)]

@@ -2,7 +2,8 @@
 
 Ahead-of-time compilation for a TPU topology on this host (CPU + libtpu, no TPU needed): the real train step
 (train_step on the sharded TrainState, jitted by ziya_jax.train.sharded.jit_train_step) and one decode step (a
-token against a full KV cache). Nothing is allocated: every input is a ShapeDtypeStruct carrying its
+token against a full KV cache; with --quantize int8, the decode step with bfloat16 weights and with those weights
+quantised by ziya_jax.quantize, side by side). Nothing is allocated: every input is a ShapeDtypeStruct carrying its
 sharding. For each program it prints per-chip memory (arguments, temporaries, total against the chip's HBM),
 FLOPs per step and a roofline step time; a program that does not fit in HBM is reported with the compiler's
 reason and the command exits with status 1.
@@ -255,15 +256,17 @@ def _batch_shards(mesh, rules) -> int:
 
 
 def compile_decode_step(config, topo: Topology, devices, batch_size=None, cache_len=None, mesh=None,
-                        dcn=None) -> Result:
+                        dcn=None, weights: str = "") -> Result:
     """One decode step of the configured model, as ziya_jax.decode runs it inside its loop: a token per row
     against a KV cache of `cache_len` slots (default: the LLM's maximum positions), cache donated. The batch
-    defaults to one row per batch shard."""
+    defaults to one row per batch shard. weights: '' (the config's param_dtype), 'bfloat16' (every float weight
+    cast to it) or 'int8' (those bfloat16 weights through ziya_jax.quantize)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
+    from ziya_jax import quantize
     from ziya_jax.decode import _step
     from ziya_jax.model import ZiyaVisual, abstract_params
     from ziya_jax.sharding import batch_sharding, cache_sharding, param_shardings
@@ -272,8 +275,14 @@ def compile_decode_step(config, topo: Topology, devices, batch_size=None, cache_
     b = batch_size or _batch_shards(mesh, rules)
     s = cache_len or cfg.llm.max_position_embeddings
     sds = jax.ShapeDtypeStruct
-    params = jax.tree_util.tree_map(lambda a, sh: sds(a.shape, a.dtype, sharding=sh),
-                                    nn.meta.unbox(abstract_params(cfg)), param_shardings(cfg, mesh, rules))
+    params, shardings = nn.meta.unbox(abstract_params(cfg)), param_shardings(cfg, mesh, rules)
+    if weights:
+        params = jax.tree_util.tree_map(
+            lambda a: sds(a.shape, jnp.bfloat16 if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype), params)
+    if weights == "int8":
+        params, cfg = quantize.quantize_abstract(params, cfg, "int8")
+        shardings = quantize.shardings(shardings, params)
+    params = jax.tree_util.tree_map(lambda a, sh: sds(a.shape, a.dtype, sharding=sh), params, shardings)
     cache_shape = (cfg.llm.depth, b, cfg.llm.num_kv_heads, s, cfg.llm.head_dim)
     cache = {k: sds(cache_shape, jnp.dtype(cfg.dtype), sharding=cache_sharding(mesh, rules)) for k in ("k", "v")}
     rows, table = batch_sharding(mesh, 1, rules), batch_sharding(mesh, 2, rules)
@@ -282,7 +291,8 @@ def compile_decode_step(config, topo: Topology, devices, batch_size=None, cache_
     model = ZiyaVisual(cfg)
     step = jax.jit(lambda p, tokens, c, key_mask, positions, slot: _step(model, p, tokens, c, key_mask, positions,
                                                                          slot), donate_argnums=2)
-    return _result("decode_step", topo, mesh, b, "-", *_compile(step, args, mesh, rules))
+    program = {"": "decode_step", "bfloat16": "decode_step_bf16", "int8": "decode_step_int8"}[weights]
+    return _result(program, topo, mesh, b, "-", *_compile(step, args, mesh, rules))
 
 
 def llama_step(cfg, depth: int, batch: int, text_len: int, mesh, rules):
@@ -361,6 +371,8 @@ def main(argv=None) -> int:
     parser.add_argument("--programs", default="train,decode", help="train, decode or both (comma-separated)")
     parser.add_argument("--decode-batch", type=int, help="decode rows (default: one per batch shard)")
     parser.add_argument("--decode-len", type=int, help="KV cache slots (default: the LLM's maximum positions)")
+    parser.add_argument("--quantize", choices=("", "none", "int8"), default="",
+                        help="int8: compile the decode step with bfloat16 weights and with them quantised to int8")
     parser.add_argument("--llm-depths", type=_ints,
                         help="instead: compile the LLaMA stack alone at these depths and compare compile times")
     args = parser.parse_args(argv)
@@ -387,10 +399,13 @@ def main(argv=None) -> int:
                 runs = [functools.partial(compile_llama, config, topo, devices, d, args.batch_size, args.remat,
                                           **train) for d in args.llm_depths]
             else:
-                runs = [{"train": functools.partial(compile_train_step, config, topo, devices, args.batch_size,
-                                                    args.remat, **train),
-                         "decode": functools.partial(compile_decode_step, config, topo, devices, args.decode_batch,
-                                                     args.decode_len, **common)}[p] for p in programs]
+                step = functools.partial(compile_train_step, config, topo, devices, args.batch_size, args.remat,
+                                         **train)
+                decode = functools.partial(compile_decode_step, config, topo, devices, args.decode_batch,
+                                           args.decode_len, **common)
+                decodes = [decode] if args.quantize in ("", "none") else \
+                    [functools.partial(decode, weights="bfloat16"), functools.partial(decode, weights=args.quantize)]
+                runs = [r for p in programs for r in ([step] if p == "train" else decodes)]
             here = []
             for run in runs:
                 here.append(run())

@@ -13,8 +13,8 @@ def main(argv=None) -> int:
     decode.add_argument("--new-tokens", type=int, default=64)
     decode.add_argument("--repeats", type=int, default=2, help="timed runs per row (best is reported)")
     decode.add_argument("--small", action="store_true", help="a tiny model, to check the benchmark itself quickly")
-    decode.add_argument("--profile", metavar="DIR", help="trace ziya_jax's greedy batch-1 decoding on float32 and on "
-                        "int8 weights into DIR (jax.profiler, Perfetto JSON) and print where a token's time goes")
+    decode.add_argument("--profile", metavar="DIR", help="trace ziya_jax's greedy decoding (batch 1 and 8) on float32 "
+                        "and on int8 weights into DIR (jax.profiler, Perfetto JSON) and print where a token's time goes")
     train = sub.add_parser("train", help="stage-3 LoRA train step vs a PyTorch reference, and MFU")
     train.add_argument("--batch", type=int, default=8)
     train.add_argument("--steps", type=int, default=3, help="timed steps per side, run back to back "

@@ -8,6 +8,10 @@ decode step reads all LLM weights (one row of the embedding table), so tokens/s 
 tokens/s also pay the prefill (image encoding and prompt), the bound does not. Each row's ceiling is the ratio
 ziya_jax would reach with its own prefill (timed alone: one new token) and every later step at that bound, since
 all rows of a step share one read of the weights: what the image encoder, matmul-bound on both sides, leaves.
+
+Then ziya_jax alone, float32 against int8 weights (ziya_jax.quantize), greedy batch 1 and 8, timed back to back:
+tokens/s (prefill included) and the decoding step alone ((time for N tokens - time for 1) / (N - 1)).
+--profile DIR traces decoding a text prompt with each and prints where a token's time goes.
 """
 from __future__ import annotations
 
@@ -20,10 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ziya_jax.bench.trace import device_time, print_device_time, trace_events
 from ziya_jax.convert import load_hf
 from ziya_jax.decode import DecodeConfig, decode_params, generate
+from ziya_jax.quantize import quantize
 from ziya_jax.summary import count_params
-
 
 
 def hf_model(small: bool):
@@ -120,7 +125,45 @@ def run(args) -> dict:
     fraction = rows[0]["ziya_jax_tok_s"] / bound
     print(f"measured bandwidth {bandwidth / 1e9:.1f} GB/s; LLM weights read {llm_bytes / 1e6:.0f} MB/token -> "
           f"batch-1 bound {bound:.1f} tok/s; ziya_jax greedy b1 reaches {fraction:.0%} of it")
-    result = dict(rows=rows, new_tokens=n, bandwidth_gb_s=bandwidth / 1e9, llm_mb_per_token=llm_bytes / 1e6,
-                  batch1_bound_tok_s=bound, batch1_fraction_of_bound=fraction, device=str(jax.devices()[0]))
+    int8 = int8_rows(params, cfg, n, args)
+    result = dict(rows=rows, int8_rows=int8, new_tokens=n, bandwidth_gb_s=bandwidth / 1e9,
+                  llm_mb_per_token=llm_bytes / 1e6, batch1_bound_tok_s=bound, batch1_fraction_of_bound=fraction,
+                  device=str(jax.devices()[0]))
     print(json.dumps(result))
     return result
+
+
+def int8_rows(params, cfg, n: int, args) -> list[dict]:
+    """Greedy batch 1 and 8 on float32 and on int8 weights, each pair timed back to back."""
+    qparams, qcfg = quantize(params, cfg, "int8")
+    q, image_token, size = cfg.num_query_tokens, cfg.image_token_id, cfg.vision.image_size
+    rng = np.random.default_rng(1)
+    rows, traces = [], {}
+    for batch in (1, 8):
+        ids = np.concatenate([np.full((batch, q), image_token), rng.integers(3, image_token, (batch, 16))], 1)
+        pixels = jnp.asarray(rng.normal(size=(batch, 1, size, size, 3)).astype(np.float32))
+        row = dict(row=f"greedy b{batch}")
+        for name, p, c in (("float32", params, cfg), ("int8", qparams, qcfg)):
+            run = lambda k: generate(p, c, ids, np.ones_like(ids), pixels,
+                                     dc=DecodeConfig(max_new_tokens=k, min_new_tokens=k, eos_token_id=2))
+            full, prefill = _best(lambda: run(n), args.repeats), _best(lambda: run(1), args.repeats)
+            row.update({f"{name}_tok_s": batch * n / full, f"{name}_step_ms": (full - prefill) / (n - 1) * 1e3,
+                        f"{name}_prefill_s": prefill})
+            if args.profile:  # a text prompt: its prefill is small beside n steps
+                text = lambda: generate(p, c, ids[:, q:], dc=DecodeConfig(max_new_tokens=n, min_new_tokens=n))
+                text()
+                events = trace_events(text, os.path.join(args.profile, f"{name}_b{batch}"))
+                traces[f"{name}, greedy b{batch}"] = (device_time(events, n), (full - prefill) / (n - 1))
+        row["tok_s_ratio"] = row["int8_tok_s"] / row["float32_tok_s"]
+        row["step_ratio"] = row["float32_step_ms"] / row["int8_step_ms"]
+        rows.append(row)
+    print(f"{'ziya_jax':<12}{'f32 tok/s':>11}{'int8 tok/s':>12}{'ratio':>7}{'f32 step ms':>13}{'int8 step ms':>14}"
+          f"{'ratio':>7}{'prefill s f32/int8':>20}")
+    for r in rows:
+        print(f"{r['row']:<12}{r['float32_tok_s']:>11.1f}{r['int8_tok_s']:>12.1f}{r['tok_s_ratio']:>7.2f}"
+              f"{r['float32_step_ms']:>13.1f}{r['int8_step_ms']:>14.1f}{r['step_ratio']:>7.2f}"
+              f"{r['float32_prefill_s']:>11.2f}/{r['int8_prefill_s']:.2f}")
+    for name, (summary, step_s) in traces.items():
+        print(f"{name}, a 16-token text prompt and {n} new tokens (prefill included), per token:")
+        print_device_time(summary, step_s)
+    return rows

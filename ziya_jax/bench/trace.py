@@ -12,6 +12,7 @@ import glob
 import gzip
 import json
 import os
+import re
 from typing import Callable
 
 import jax
@@ -30,7 +31,8 @@ def trace_events(run: Callable[[], None], trace_dir: str) -> list[dict]:
 
 def device_time(events: list[dict], steps: int, top: int = 15) -> dict:
     """Per step: each timeline's busy seconds (the union of its op events, which may nest: a CPU while loop holds
-    its body's ops) and op count, and the `top` (timeline, name) pairs by summed duration."""
+    its body's ops) and op count, the `top` (timeline, name) pairs by summed duration, and the `top` op kinds (an
+    op's name without its numeric suffix: dot.12 and dot.40 are both dot) summed over all timelines."""
     processes = {e["pid"]: e["args"]["name"] for e in events
                  if e.get("ph") == "M" and e.get("name") == "process_name"}
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
@@ -44,10 +46,17 @@ def device_time(events: list[dict], steps: int, top: int = 15) -> dict:
         spans[timeline].append((e["ts"], e["ts"] + e.get("dur", 0.0)))  # Chrome trace times are microseconds
         per_op[timeline, e["name"]] += e.get("dur", 0.0) * 1e-6
         op_count[timeline, e["name"]] += 1
+    per_kind, kind_count = collections.Counter(), collections.Counter()
+    for (timeline, name), s in per_op.items():
+        kind = re.sub(r"([._]\d+)+$", "", name)
+        per_kind[kind] += s
+        kind_count[kind] += op_count[timeline, name]
     return {"timelines": {t: {"busy_s": _covered(spans[t]) * 1e-6 / steps, "events": len(spans[t]) / steps}
                           for t in sorted(spans)},
             "top": [{"timeline": t, "name": n, "s": s / steps, "calls": op_count[t, n] / steps}
-                    for (t, n), s in per_op.most_common(top)]}
+                    for (t, n), s in per_op.most_common(top)],
+            "kinds": [{"kind": k, "s": s / steps, "calls": kind_count[k] / steps}
+                      for k, s in per_kind.most_common(top)]}
 
 
 def _covered(spans: list[tuple[float, float]]) -> float:
@@ -69,3 +78,6 @@ def print_device_time(summary: dict, step_s: float) -> None:
         print(f"  {timeline}: busy {t['busy_s'] * 1e3:.2f} ms in {t['events']:.0f} events")
     for op in summary["top"]:
         print(f"  {op['s'] * 1e3:8.3f} ms {op['calls']:6.1f} calls  {op['name'][:90]}  [{op['timeline']}]")
+    print("  by op kind, all timelines (a loop's time holds its body's):")
+    for op in summary["kinds"]:
+        print(f"  {op['s'] * 1e3:8.3f} ms {op['calls']:6.1f} calls  {op['kind'][:90]}")

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import qwix
 
 from ziya_jax.config import LoraConfig
 
@@ -54,12 +55,22 @@ def _matmul_bwd(residuals, dy):
 matmul.defvjp(_matmul_fwd, _matmul_bwd, symbolic_zeros=True)
 
 
+def int8_matmul(x, kernel, scale):
+    """x [..., in] @ (kernel [in, out] int8 * scale [1, out]), a weight quantised by ziya_jax.quantize: qwix's
+    product, float32 accumulation, returned in x's dtype. qwix dequantises a weight-only kernel and XLA runs a float
+    dot on it: on one TPU chip the convert and scale fuse into the product, which reads the int8 kernel; XLA on the
+    CPU writes a float32 copy of the kernel first (docs/quantization.md measures both)."""
+    q = qwix.QArray(kernel, scale.astype(x.dtype))
+    return qwix.einsum("...i,io->...o", x, q, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
 class Dense(nn.Module):
     """The one linear layer of ViT, Q-Former, projection and LLM.
 
     kernel [in, out] (the transpose of torch's weight); `axes` are its logical axis names. If the config's LoRA
     targets match this module's path, a low-rank update (lora_a [in, r], lora_b [r, out], B zero-initialised) is
-    added: y = x W + b + (alpha / r) * dropout(x) A B.
+    added: y = x W + b + (alpha / r) * dropout(x) A B. A kernel stored as int8 (ziya_jax.quantize, for decoding)
+    has its per-output-channel scales beside it in kernel_scale [1, out] and is multiplied by int8_matmul.
     """
     features: int
     axes: tuple[str | None, str | None]
@@ -75,7 +86,12 @@ class Dense(nn.Module):
         kernel = self.param("kernel", logical(self.kernel_init, self.axes), (in_features, self.features),
                             self.param_dtype)
         x = x.astype(self.dtype)
-        y = matmul(x, kernel.astype(self.dtype))
+        if kernel.dtype == jnp.int8:
+            scale = self.param("kernel_scale", logical(nn.initializers.ones, (None, self.axes[1])),
+                               (1, self.features), jnp.float32)
+            y = int8_matmul(x, kernel, scale)
+        else:
+            y = matmul(x, kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", logical(nn.initializers.zeros, self.axes[1:]), (self.features,),
                               self.param_dtype)
