@@ -25,13 +25,22 @@ setup(
         "jieba>=0.42",  # Chinese word segmentation for Chinese caption metrics
         "qwix>=0.1.8",  # int8 weight-only quantisation for decoding (ziya_jax.quantize)
     ],
-    entry_points={"console_scripts": [
-        f"ziya-{name}=ziya_jax.{module}:main" for name, module in (
-            ("train", "train.__main__"), ("generate", "generate"), ("chat", "chat"),
-            ("evaluate", "evaluate.__main__"), ("convert", "convert.__main__"), ("compile", "compile"))]},
+    entry_points={
+        "console_scripts": [
+            f"ziya-{name}=ziya_jax.{module}:main"
+            for name, module in (
+                ("train", "train.__main__"),
+                ("generate", "generate"),
+                ("chat", "chat"),
+                ("evaluate", "evaluate.__main__"),
+                ("convert", "convert.__main__"),
+                ("compile", "compile"),
+            )
+        ]
+    },
     extras_require={
         # Ground truth for the tests: transformers (PyTorch, CPU) on the same weights.
-        "dev": ["pytest>=8", "torch==2.13.0", "transformers>=5.23,<6", "jax[tpu]"],
+        "dev": ["pytest>=8", "torch==2.13.0", "transformers>=5.23,<6", "jax[tpu]", "ruff==0.17.6"],
         # Compiling for TPU topologies on any host (python -m ziya_jax.compile), and running on TPU VMs. jax[tpu]
         # pins the libtpu built for the installed jax: libtpu 0.0.52 beside jax 0.10.2 crashed jax.profiler.
         "tpu": ["jax[tpu]"],

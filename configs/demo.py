@@ -34,13 +34,16 @@ colour from the queries then learns in ~200 steps instead of not at all.
 
 docs/demo.md has these findings in full, with the commands that reproduce them.
 """
+
 import ml_collections
 
 from ziya_jax.config import for_stage, parse_arg
 from ziya_jax.train.optimizer import default_optimizer
 
-LORA_TARGETS = (r"vision_model/layers/self_attn/(qkv|projection)",
-                r"language_model/layers/self_attn/(q_proj|k_proj|v_proj|o_proj)")
+LORA_TARGETS = (
+    r"vision_model/layers/self_attn/(qkv|projection)",
+    r"language_model/layers/self_attn/(q_proj|k_proj|v_proj|o_proj)",
+)
 STAGE1_HEADS = ("vision_proj", "text_proj", "itm_head", "temp")
 QFORMER = ("qformer", "query_tokens")
 TRAINABLE = {
@@ -77,12 +80,32 @@ EVAL_TASKS = {1: ("retrieval",), 2: (), 3: ("vqa", "caption", "grounding")}
 def model_config(variant: str) -> dict:
     return dict(
         variant=variant,
-        vision=dict(image_size=48, patch_size=16, width=128, depth=4, num_heads=4, mlp_dim=512,
-                    position_initializer_range=1.0),
-        qformer=dict(width=128, depth=2, num_heads=4, mlp_dim=512, cross_attention_frequency=1, vocab_size=640,
-                     max_position_embeddings=64, embed_dim=64, dropout=0.0, initializer_range=0.08),
-        llm=dict(vocab_size=641, width=256, depth=2, num_heads=16, num_kv_heads=16, head_dim=16, mlp_dim=512,
-                 max_position_embeddings=256, initializer_range=0.0625),
+        vision=dict(
+            image_size=48, patch_size=16, width=128, depth=4, num_heads=4, mlp_dim=512, position_initializer_range=1.0
+        ),
+        qformer=dict(
+            width=128,
+            depth=2,
+            num_heads=4,
+            mlp_dim=512,
+            cross_attention_frequency=1,
+            vocab_size=640,
+            max_position_embeddings=64,
+            embed_dim=64,
+            dropout=0.0,
+            initializer_range=0.08,
+        ),
+        llm=dict(
+            vocab_size=641,
+            width=256,
+            depth=2,
+            num_heads=16,
+            num_kv_heads=16,
+            head_dim=16,
+            mlp_dim=512,
+            max_position_embeddings=256,
+            initializer_range=0.0625,
+        ),
         num_query_tokens=8,
         image_token_id=640,
         instruction_len=QFORMER_INSTRUCTION_LEN,
@@ -91,9 +114,17 @@ def model_config(variant: str) -> dict:
 
 
 def optimizer(stage: int, steps: int, lr_multipliers=()) -> ml_collections.ConfigDict:
-    return default_optimizer(lr=LR[stage], warmup_init_lr=1e-5, warmup_steps=min(30, steps // 5), total_steps=steps,
-                             end_lr=LR[stage] / 10, b2=0.98, weight_decay=0.01, grad_clip=1.0,
-                             lr_multipliers=lr_multipliers)
+    return default_optimizer(
+        lr=LR[stage],
+        warmup_init_lr=1e-5,
+        warmup_steps=min(30, steps // 5),
+        total_steps=steps,
+        end_lr=LR[stage] / 10,
+        b2=0.98,
+        weight_decay=0.01,
+        grad_clip=1.0,
+        lr_multipliers=lr_multipliers,
+    )
 
 
 def vision_config(variant: str, lora_rank: int) -> ml_collections.ConfigDict:
@@ -115,8 +146,11 @@ def stage_config(stage: int, variant: str, lora_rank: int) -> ml_collections.Con
     config.stage = stage
     config.model = for_stage(model_config(variant), stage, LORA_TARGETS, lora_rank)
     train_split = dict(kind="synthetic", split="train", n=20000)
-    mixture = [dict(train_split, task="caption", weight=1.0)] if stage == 1 else \
-        [dict(train_split, task=t, weight=w) for t, w in MIXTURE[stage]]
+    mixture = (
+        [dict(train_split, task="caption", weight=1.0)]
+        if stage == 1
+        else [dict(train_split, task=t, weight=w) for t, w in MIXTURE[stage]]
+    )
     rows = dict(batch_size=32, text_len=64, max_images=1) if stage == 1 else PACKED_ROWS
     config.data = dict(tokenizers="demo", sources=mixture, **rows, num_workers=0, seed=stage)
     if stage == 1:
@@ -148,8 +182,13 @@ def itg_config(variant: str, lora_rank: int) -> ml_collections.ConfigDict:
 def get_config(arg=None):
     args = parse_arg(arg, stage="all", variant="chat", lora_rank=8)
     v, r = args["variant"], args["lora_rank"]
-    stages = {"0": lambda: stage_config(0, v, r), "1a": lambda: itg_config(v, r), "1b": lambda: stage_config(1, v, r),
-              "2": lambda: stage_config(2, v, r), "3": lambda: stage_config(3, v, r)}
+    stages = {
+        "0": lambda: stage_config(0, v, r),
+        "1a": lambda: itg_config(v, r),
+        "1b": lambda: stage_config(1, v, r),
+        "2": lambda: stage_config(2, v, r),
+        "3": lambda: stage_config(3, v, r),
+    }
     if args["stage"] != "all":
         if args["stage"] not in stages:
             raise ValueError(f"unknown demo stage {args['stage']!r}; known: {list(stages)}")

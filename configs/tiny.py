@@ -2,12 +2,12 @@
 
 Usage: --config configs/tiny.py:variant=chat,stage=3
 """
+
 import ml_collections
 
 from ziya_jax.config import for_stage, parse_arg
 
-LORA_TARGETS = (r"vision_model/layers/self_attn/(qkv|projection)",
-                r"language_model/layers/self_attn/(q_proj|v_proj)")
+LORA_TARGETS = (r"vision_model/layers/self_attn/(qkv|projection)", r"language_model/layers/self_attn/(q_proj|v_proj)")
 
 
 def get_config(arg=None):
@@ -15,8 +15,16 @@ def get_config(arg=None):
     model = dict(
         variant=args["variant"],
         vision=dict(image_size=28, patch_size=14, width=32, depth=2, num_heads=4, mlp_dim=64),
-        qformer=dict(width=32, depth=2, num_heads=4, mlp_dim=64, cross_attention_frequency=2, vocab_size=96,
-                     max_position_embeddings=32, embed_dim=16),
+        qformer=dict(
+            width=32,
+            depth=2,
+            num_heads=4,
+            mlp_dim=64,
+            cross_attention_frequency=2,
+            vocab_size=96,
+            max_position_embeddings=32,
+            embed_dim=16,
+        ),
         llm=dict(vocab_size=128, width=32, depth=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64),
         num_query_tokens=4,
         image_token_id=127,

@@ -2,6 +2,7 @@
 
 Usage: --config configs/ziya_base_14b.py:stage=2 (stage 1, 2 or 3).
 """
+
 import os
 
 from ziya_jax.config import load_config

@@ -5,13 +5,16 @@ What trains follows the paper: stage 1 the Q-Former and its ITC/ITM/ITG heads on
 projection (Base) or the instruction-aware Q-Former and the projection (Chat); stage 3 the Q-Former and the
 projection, plus LoRA on the ViT and LLM attention for Chat. The optimizer is the paper's.
 """
+
 import ml_collections
 
 from ziya_jax.config import for_stage, parse_arg
 from ziya_jax.train.optimizer import default_optimizer
 
-LORA_TARGETS = (r"vision_model/layers/self_attn/(qkv|projection)",
-                r"language_model/layers/self_attn/(q_proj|k_proj|v_proj|o_proj)")
+LORA_TARGETS = (
+    r"vision_model/layers/self_attn/(qkv|projection)",
+    r"language_model/layers/self_attn/(q_proj|k_proj|v_proj|o_proj)",
+)
 QFORMER = ("qformer", "query_tokens")
 STAGE1_HEADS = ("vision_proj", "text_proj", "itm_head", "temp")
 DEC_TOKEN_ID = 30522  # [DEC], appended to bert-base-uncased's 30522 pieces (Q-Former vocabulary 30523)
@@ -29,12 +32,31 @@ def get_config(arg=None):
     args = parse_arg(arg, stage=3, variant="chat", lora_rank=8)
     model = dict(
         variant=args["variant"],
-        vision=dict(image_size=224, patch_size=14, width=1408, depth=39, num_heads=16, mlp_dim=6144,
-                    layer_norm_eps=1e-6),
-        qformer=dict(width=768, depth=12, num_heads=12, mlp_dim=3072, cross_attention_frequency=2,
-                     layer_norm_eps=1e-12, vocab_size=30523, max_position_embeddings=512),
-        llm=dict(vocab_size=39424, width=5120, depth=40, num_heads=40, num_kv_heads=40, head_dim=128,
-                 mlp_dim=13824, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048),
+        vision=dict(
+            image_size=224, patch_size=14, width=1408, depth=39, num_heads=16, mlp_dim=6144, layer_norm_eps=1e-6
+        ),
+        qformer=dict(
+            width=768,
+            depth=12,
+            num_heads=12,
+            mlp_dim=3072,
+            cross_attention_frequency=2,
+            layer_norm_eps=1e-12,
+            vocab_size=30523,
+            max_position_embeddings=512,
+        ),
+        llm=dict(
+            vocab_size=39424,
+            width=5120,
+            depth=40,
+            num_heads=40,
+            num_kv_heads=40,
+            head_dim=128,
+            mlp_dim=13824,
+            rms_norm_eps=1e-6,
+            rope_theta=10000.0,
+            max_position_embeddings=2048,
+        ),
         num_query_tokens=32,
         image_token_id=39423,
         dtype="bfloat16",

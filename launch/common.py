@@ -1,5 +1,6 @@
 """What both launchers share: settings from a file overridden by flags, and running (or, with --dry-run, only
 printing) shell commands."""
+
 from __future__ import annotations
 
 import configparser
@@ -30,8 +31,11 @@ def settings(path: str | None, section: str, flags: dict, required: tuple[str, .
     values.update({k: v for k, v in flags.items() if v is not None})
     missing = [k for k in required if not values.get(k)]
     if missing:
-        raise LaunchError("missing settings: " + ", ".join(f"--{k.replace('_', '-')}" for k in missing)
-                          + (f" (or in [{section}] of a --settings file)" if not path else f" (not in {path})"))
+        raise LaunchError(
+            "missing settings: "
+            + ", ".join(f"--{k.replace('_', '-')}" for k in missing)
+            + (f" (or in [{section}] of a --settings file)" if not path else f" (not in {path})")
+        )
     return values
 
 
@@ -69,7 +73,7 @@ def split_at_dashes(argv: list[str]) -> tuple[list[str], list[str]]:
     """(the launcher's own arguments, the trainer's: everything after `--`)."""
     if "--" not in argv:
         return argv, []
-    return argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    return argv[: argv.index("--")], argv[argv.index("--") + 1 :]
 
 
 def main_guard(main) -> int:

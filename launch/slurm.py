@@ -12,6 +12,7 @@ command instead.
 Partition, account, nodes, GPUs per node, workdir and the environment setup come from flags or from the
 [slurm] section of an INI file given with --settings (flags win).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # on the clu
 
 def sbatch_script(s: dict, train_args: list[str]) -> str:
     """The batch script: SBATCH options, the environment setup line, then srun of the trainer on every node."""
-    options = {"job-name": s["name"], "nodes": s["nodes"], "ntasks-per-node": 1, "gpus-per-node": s["gpus_per_node"],
-               "partition": s.get("partition"), "account": s.get("account"), "time": s.get("time"),
-               "chdir": REPO, "output": _log_path(s, "%j")}
-    train = shlex.join(["python", "-m", "ziya_jax.train", "--config", s["config"], "--workdir", s["workdir"],
-                        *train_args])
+    options = {
+        "job-name": s["name"],
+        "nodes": s["nodes"],
+        "ntasks-per-node": 1,
+        "gpus-per-node": s["gpus_per_node"],
+        "partition": s.get("partition"),
+        "account": s.get("account"),
+        "time": s.get("time"),
+        "chdir": REPO,
+        "output": _log_path(s, "%j"),
+    }
+    train = shlex.join(
+        ["python", "-m", "ziya_jax.train", "--config", s["config"], "--workdir", s["workdir"], *train_args]
+    )
     lines = ["#!/bin/bash", *(f"#SBATCH --{k}={v}" for k, v in options.items() if v), "set -euo pipefail"]
     if s.get("setup"):
         lines.append(s["setup"])  # e.g. module load cuda; source ~/venv/bin/activate
@@ -50,15 +60,22 @@ def _log_path(s: dict, job: str) -> str:
 def follow(shell: Shell, s: dict, job: str) -> None:
     """The job's log from the start until the job leaves the queue (tail exits with the squeue poll)."""
     log = shlex.quote(_log_path(s, job))
-    shell.run(["bash", "-c", f"while [ ! -e {log} ] && squeue -h -j {job} | grep -q .; do sleep 10; done; "
-                             f"tail -n +1 -F {log} & t=$!; while squeue -h -j {job} | grep -q .; do sleep 30; done; "
-                             f"sleep 5; kill $t"])
+    shell.run(
+        [
+            "bash",
+            "-c",
+            f"while [ ! -e {log} ] && squeue -h -j {job} | grep -q .; do sleep 10; done; "
+            f"tail -n +1 -F {log} & t=$!; while squeue -h -j {job} | grep -q .; do sleep 30; done; "
+            f"sleep 5; kill $t",
+        ]
+    )
 
 
 def main(argv=None) -> int:
     argv, train_args = split_at_dashes(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python launch/slurm.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python launch/slurm.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("action", choices=ACTIONS)
     parser.add_argument("--settings", help="INI file whose [slurm] section gives any of the settings below")
     parser.add_argument("--name", help="job name (default ziya-train)")

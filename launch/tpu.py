@@ -13,6 +13,7 @@ Project, zone, name, accelerator (v5e-64, v6e-16, v4-32, v5p-128, ...) and bucke
 [tpu] section of an INI file given with --settings (flags win); nothing is assumed. `install` mounts the bucket
 with gcsfuse at /gcs/BUCKET on every worker, so that all of them read and write the same workdir.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,15 +29,16 @@ from common import LaunchError, Shell, main_guard, settings, split_at_dashes, tr
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACTIONS = ("up", "install", "run", "logs", "stop", "down", "all")
 # Cloud TPU's base software versions per generation (overridable with --runtime-version).
-RUNTIME = {"v4": "tpu-ubuntu2204-base", "v5e": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5",
-           "v6e": "v2-alpha-tpuv6e"}
+RUNTIME = {"v4": "tpu-ubuntu2204-base", "v5e": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
 LOG, PID, CODE = "~/ziya_train.log", "~/ziya_train.pid", "~/ziya_jax"
 MOUNT = "/gcs"  # the bucket is mounted here (gcsfuse) on every worker: the trainer writes plain files
-GCSFUSE = ("if ! command -v gcsfuse >/dev/null; then "
-           "echo \"deb https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -cs) main\" | "
-           "sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && "
-           "curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add - && "
-           "sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; fi")
+GCSFUSE = (
+    "if ! command -v gcsfuse >/dev/null; then "
+    'echo "deb https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -cs) main" | '
+    "sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && "
+    "curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add - && "
+    "sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; fi"
+)
 
 
 def accelerator_type(accelerator: str) -> tuple[str, str]:
@@ -74,19 +76,35 @@ class Pod:
         describe = self.gcloud(kind, "describe", name, f"--format=value({state_field})")
         if self.shell.output(describe, dry_value=None) is None:  # absent (a dry run shows the creation)
             if self.queued:
-                nodes = [f"--node-count={self.slices}", f"--node-prefix={name}"] if self.slices > 1 else \
-                    [f"--node-id={name}"]
-                self.shell.run(self.gcloud("queued-resources", "create", name, f"--accelerator-type={self.type}",
-                                           f"--runtime-version={self.version}", *nodes, *spot))
+                nodes = (
+                    [f"--node-count={self.slices}", f"--node-prefix={name}"]
+                    if self.slices > 1
+                    else [f"--node-id={name}"]
+                )
+                self.shell.run(
+                    self.gcloud(
+                        "queued-resources",
+                        "create",
+                        name,
+                        f"--accelerator-type={self.type}",
+                        f"--runtime-version={self.version}",
+                        *nodes,
+                        *spot,
+                    )
+                )
             else:
-                self.shell.run(self.gcloud("tpu-vm", "create", name, f"--accelerator-type={self.type}",
-                                           f"--version={self.version}", *spot))
+                self.shell.run(
+                    self.gcloud(
+                        "tpu-vm", "create", name, f"--accelerator-type={self.type}", f"--version={self.version}", *spot
+                    )
+                )
         ready = "ACTIVE" if self.queued else "READY"
         deadline = time.time() + 60 * float(self.s.get("wait_minutes") or 60)
         while (state := self.shell.output(describe, dry_value=ready)) != ready:
             if time.time() > deadline:
-                raise LaunchError(f"{name} is {state or 'absent'}, not {ready}, after waiting; "
-                                  f"see `{shlex.join(describe)}`")
+                raise LaunchError(
+                    f"{name} is {state or 'absent'}, not {ready}, after waiting; see `{shlex.join(describe)}`"
+                )
             time.sleep(30)
 
     def install(self) -> None:
@@ -96,26 +114,34 @@ class Pod:
         mount = ""
         if self.s.get("bucket"):
             bucket = _bucket_name(self.s["bucket"])
-            mount = (f" && {GCSFUSE} && sudo mkdir -p {MOUNT}/{bucket} && sudo chown $USER {MOUNT}/{bucket} && "
-                     f"(mountpoint -q {MOUNT}/{bucket} || gcsfuse --implicit-dirs {bucket} {MOUNT}/{bucket})")
+            mount = (
+                f" && {GCSFUSE} && sudo mkdir -p {MOUNT}/{bucket} && sudo chown $USER {MOUNT}/{bucket} && "
+                f"(mountpoint -q {MOUNT}/{bucket} || gcsfuse --implicit-dirs {bucket} {MOUNT}/{bucket})"
+            )
         for node in self.nodes:
             self.shell.run(self.gcloud("tpu-vm", "scp", archive, f"{node}:ziya_jax.tar.gz", "--worker=all"))
-            self.ssh(node, f"rm -rf {CODE} && mkdir -p {CODE} && tar -xzf ziya_jax.tar.gz -C {CODE} && "
-                           f"cd {CODE} && python3 -m pip install -q -e '.[tpu]'{mount}")
+            self.ssh(
+                node,
+                f"rm -rf {CODE} && mkdir -p {CODE} && tar -xzf ziya_jax.tar.gz -C {CODE} && "
+                f"cd {CODE} && python3 -m pip install -q -e '.[tpu]'{mount}",
+            )
 
     def run(self, train_args: list[str]) -> None:
         if not self.s.get("config"):
             raise LaunchError("run needs --config (the training config, e.g. configs/ziya_chat_14b.py:stage=3)")
-        workdir = self.s.get("workdir") or (f"{MOUNT}/{_bucket_name(self.s['bucket'])}/runs/{self.s['name']}"
-                                            if self.s.get("bucket") else None)
+        workdir = self.s.get("workdir") or (
+            f"{MOUNT}/{_bucket_name(self.s['bucket'])}/runs/{self.s['name']}" if self.s.get("bucket") else None
+        )
         if not workdir:
-            raise LaunchError(f"run needs --workdir or --bucket (the run's directory is then "
-                              f"{MOUNT}/BUCKET/runs/NAME, the bucket mounted on every worker)")
-        train = shlex.join(["python3", "-m", "ziya_jax.train", "--config", self.s["config"], "--workdir", workdir,
-                            *train_args])
+            raise LaunchError(
+                f"run needs --workdir or --bucket (the run's directory is then "
+                f"{MOUNT}/BUCKET/runs/NAME, the bucket mounted on every worker)"
+            )
+        train = shlex.join(
+            ["python3", "-m", "ziya_jax.train", "--config", self.s["config"], "--workdir", workdir, *train_args]
+        )
         for node in self.nodes:  # detached, so that every slice starts before any log is followed
-            self.ssh(node, f"cd {CODE} && ZIYA_DISTRIBUTED=1 nohup {train} > {LOG} 2>&1 < /dev/null & "
-                           f"echo $! > {PID}")
+            self.ssh(node, f"cd {CODE} && ZIYA_DISTRIBUTED=1 nohup {train} > {LOG} 2>&1 < /dev/null & echo $! > {PID}")
         self.logs()
 
     def logs(self) -> None:
@@ -142,8 +168,9 @@ def _bucket_name(bucket: str) -> str:
 
 def main(argv=None) -> int:
     argv, train_args = split_at_dashes(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python launch/tpu.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python launch/tpu.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("action", choices=ACTIONS)
     parser.add_argument("--settings", help="INI file whose [tpu] section gives any of the settings below")
     parser.add_argument("--project")
@@ -154,10 +181,16 @@ def main(argv=None) -> int:
     parser.add_argument("--queued", action="store_const", const="true", help="a queued resource even for one slice")
     parser.add_argument("--spot", action="store_const", const="true", help="spot capacity")
     parser.add_argument("--runtime-version", help="TPU software version (default: the generation's base image)")
-    parser.add_argument("--bucket", help="gs://BUCKET, mounted with gcsfuse at /gcs/BUCKET on every worker; the "
-                                         "run's workdir defaults to /gcs/BUCKET/runs/NAME")
-    parser.add_argument("--workdir", help="where the trainer writes checkpoints and metrics: a path every worker "
-                                          "shares (checkpoints are written by all of them)")
+    parser.add_argument(
+        "--bucket",
+        help="gs://BUCKET, mounted with gcsfuse at /gcs/BUCKET on every worker; the "
+        "run's workdir defaults to /gcs/BUCKET/runs/NAME",
+    )
+    parser.add_argument(
+        "--workdir",
+        help="where the trainer writes checkpoints and metrics: a path every worker "
+        "shares (checkpoints are written by all of them)",
+    )
     parser.add_argument("--config", help="training config, e.g. configs/ziya_chat_14b.py:stage=3")
     parser.add_argument("--wait-minutes", type=float, help="how long `up` waits for the slice (default 60)")
     parser.add_argument("--keep", action="store_true", help="`all` leaves the slice up at the end")

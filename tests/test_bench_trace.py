@@ -1,5 +1,6 @@
 """The bench's profile summary: a real jax.profiler trace is read back with the CPU's XLA ops, and timelines are
 summed per step, nested events counted once."""
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -23,21 +24,35 @@ def _meta(kind, pid, name, tid=0):
 
 
 def test_device_timelines_are_summed_per_step_and_ops_ranked():
-    events = [_meta("process_name", 1, "/device:GPU:0"), _meta("thread_name", 1, "Stream #7(Compute)", 7),
-              _meta("process_name", 2, "/host:CPU"), _meta("thread_name", 2, "pool", 4),
-              {"ph": "X", "pid": 1, "tid": 7, "name": "gemm", "ts": 0, "dur": 30.0},
-              {"ph": "X", "pid": 1, "tid": 7, "name": "fusion", "ts": 40, "dur": 10.0},
-              {"ph": "X", "pid": 1, "tid": 7, "name": "gemm", "ts": 60, "dur": 50.0},
-              {"ph": "X", "pid": 2, "tid": 3, "name": "launch", "ts": 0, "dur": 500.0},  # host: not counted
-              # XLA CPU ops: a while loop holding a body op, which is not counted twice in the busy time
-              {"ph": "X", "pid": 2, "tid": 4, "name": "while", "ts": 0, "dur": 100.0, "args": {"hlo_op": "while"}},
-              {"ph": "X", "pid": 2, "tid": 4, "name": "dot", "ts": 20, "dur": 30.0, "args": {"hlo_op": "dot"}}]
+    events = [
+        _meta("process_name", 1, "/device:GPU:0"),
+        _meta("thread_name", 1, "Stream #7(Compute)", 7),
+        _meta("process_name", 2, "/host:CPU"),
+        _meta("thread_name", 2, "pool", 4),
+        {"ph": "X", "pid": 1, "tid": 7, "name": "gemm", "ts": 0, "dur": 30.0},
+        {"ph": "X", "pid": 1, "tid": 7, "name": "fusion", "ts": 40, "dur": 10.0},
+        {"ph": "X", "pid": 1, "tid": 7, "name": "gemm", "ts": 60, "dur": 50.0},
+        {"ph": "X", "pid": 2, "tid": 3, "name": "launch", "ts": 0, "dur": 500.0},  # host: not counted
+        # XLA CPU ops: a while loop holding a body op, which is not counted twice in the busy time
+        {"ph": "X", "pid": 2, "tid": 4, "name": "while", "ts": 0, "dur": 100.0, "args": {"hlo_op": "while"}},
+        {"ph": "X", "pid": 2, "tid": 4, "name": "dot", "ts": 20, "dur": 30.0, "args": {"hlo_op": "dot"}},
+    ]
     summary = device_time(events, steps=2)
     gpu, cpu = "/device:GPU:0 Stream #7(Compute)", "/host:CPU pool"
-    assert summary["timelines"] == {gpu: {"busy_s": pytest.approx(45e-6), "events": 1.5},
-                                    cpu: {"busy_s": pytest.approx(50e-6), "events": 1.0}}
-    assert [(op["name"], op["calls"]) for op in summary["top"]] == [("while", 0.5), ("gemm", 1.0), ("dot", 0.5),
-                                                                     ("fusion", 0.5)]
+    assert summary["timelines"] == {
+        gpu: {"busy_s": pytest.approx(45e-6), "events": 1.5},
+        cpu: {"busy_s": pytest.approx(50e-6), "events": 1.0},
+    }
+    assert [(op["name"], op["calls"]) for op in summary["top"]] == [
+        ("while", 0.5),
+        ("gemm", 1.0),
+        ("dot", 0.5),
+        ("fusion", 0.5),
+    ]
     assert summary["top"][1]["s"] == pytest.approx(40e-6)
-    assert [(op["kind"], op["calls"]) for op in summary["kinds"]] == [("while", 0.5), ("gemm", 1.0), ("dot", 0.5),
-                                                                      ("fusion", 0.5)]
+    assert [(op["kind"], op["calls"]) for op in summary["kinds"]] == [
+        ("while", 0.5),
+        ("gemm", 1.0),
+        ("dot", 0.5),
+        ("fusion", 0.5),
+    ]

@@ -1,4 +1,5 @@
 """Training checkpoints: state and data iterator saved together; an unreadable newest step falls back."""
+
 import logging
 import os
 
@@ -59,5 +60,4 @@ def test_no_readable_checkpoint_refuses_to_restart(tmp_path):
     it = make_iterator()
     ckpt.save(1, {"w": jnp.zeros(3)}, it)
     with pytest.raises(RuntimeError, match="refusing to restart"):
-        Checkpoints(str(tmp_path), 1, 3).restore_latest({"w": jax.ShapeDtypeStruct((4,), jnp.float32)},
-                                                        make_iterator())
+        Checkpoints(str(tmp_path), 1, 3).restore_latest({"w": jax.ShapeDtypeStruct((4,), jnp.float32)}, make_iterator())

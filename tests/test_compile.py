@@ -1,5 +1,6 @@
 """Ahead-of-time compilation: topology names, the FLOP count behind the roofline, depth-independent compile time of
 the scanned LLaMA, and `python -m ziya_jax.compile` for a real TPU topology on this CPU host (libtpu)."""
+
 import json
 import os
 import subprocess
@@ -17,10 +18,19 @@ from ziya_jax.train.observe import matmul_flops
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("name,libtpu,chips", [
-    ("v5e-64", "v5e:8x8", 64), ("v5e-8", "v5e:2x4", 8), ("v6e-16", "v6e:4x4", 16), ("v5e:4x8", "v5e:4x8", 32),
-    ("v4-8", "v4:2x2x1", 4), ("v4-32", "v4:2x2x4", 16), ("v5p-128", "v5p:4x4x4", 64), ("v4-1024", "v4:8x8x8", 512),
-])
+@pytest.mark.parametrize(
+    "name,libtpu,chips",
+    [
+        ("v5e-64", "v5e:8x8", 64),
+        ("v5e-8", "v5e:2x4", 8),
+        ("v6e-16", "v6e:4x4", 16),
+        ("v5e:4x8", "v5e:4x8", 32),
+        ("v4-8", "v4:2x2x1", 4),
+        ("v4-32", "v4:2x2x4", 16),
+        ("v5p-128", "v5p:4x4x4", 64),
+        ("v4-1024", "v4:8x8x8", 512),
+    ],
+)
 def test_topology_names(name, libtpu, chips):
     topo = parse_topology(name)
     assert (topo.libtpu_topology, topo.chips_per_slice) == (libtpu, chips)
@@ -39,7 +49,7 @@ def test_matmul_flops_counts_every_scan_iteration_the_larger_branch_and_remat():
     def scanned(x, layers):
         return jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=layers)[0].sum()
 
-    one = 2 * n ** 3
+    one = 2 * n**3
     assert matmul_flops(jax.make_jaxpr(lambda x: scanned(x, 4))(w).jaxpr) == 4 * one
     assert matmul_flops(jax.make_jaxpr(lambda x: scanned(x, 40))(w).jaxpr) == 40 * one
     branches = lambda p, x: jax.lax.cond(p, lambda: x @ x @ x, lambda: x)
@@ -82,8 +92,9 @@ def get_config(arg=None):
 
 
 def compile_cli(*args):
-    done = subprocess.run([sys.executable, "-m", "ziya_jax.compile", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "ziya_jax.compile", *args], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
     lines = done.stdout.strip().splitlines()
     return done.returncode, (json.loads(lines[-1]) if lines and lines[-1].startswith("[") else None), done
 

@@ -1,14 +1,15 @@
 """HF <-> ziya_jax round trips, the CLI, and the converter's handling of bad input."""
+
 import json
 import os
 
 import numpy as np
 import pytest
 import torch
+from hf_models import make_hf_model, make_inputs
 from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText, LlamaForCausalLM
 
-from hf_models import make_hf_model, make_inputs
 from ziya_jax.convert import ConversionError, load_hf, read_tensors
 from ziya_jax.convert.__main__ import main as convert_cli
 
@@ -23,8 +24,20 @@ def test_cli_round_trip_is_bit_exact_and_loads_in_transformers(kind, tmp_path):
     model.save_pretrained(tmp_path / "hf")
     original = read_tensors(str(tmp_path / "hf"))
     assert convert_cli(["from-hf", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
-    assert convert_cli(["to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back"),
-                        "--max-shard-size", "40KB"]) == 0
+    assert (
+        convert_cli(
+            [
+                "to-hf",
+                "--checkpoint",
+                str(tmp_path / "ckpt"),
+                "--out",
+                str(tmp_path / "back"),
+                "--max-shard-size",
+                "40KB",
+            ]
+        )
+        == 0
+    )
     assert os.path.isfile(tmp_path / "back" / "model.safetensors.index.json")  # sharded at this size
     back = read_tensors(str(tmp_path / "back"))
     assert sorted(back) == sorted(original)
@@ -54,10 +67,24 @@ def test_llm_only_export_and_separate_llm_dir(tmp_path):
     model.language_model.save_pretrained(tmp_path / "llama")
 
     params, cfg = load_hf(str(tmp_path / "vision"), llm_dir=str(tmp_path / "llama"))
-    assert convert_cli(["from-hf", "--hf-dir", str(tmp_path / "vision"), "--llm-dir", str(tmp_path / "llama"),
-                        "--out", str(tmp_path / "ckpt")]) == 0
-    assert convert_cli(["to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "llm"),
-                        "--llm-only"]) == 0
+    assert (
+        convert_cli(
+            [
+                "from-hf",
+                "--hf-dir",
+                str(tmp_path / "vision"),
+                "--llm-dir",
+                str(tmp_path / "llama"),
+                "--out",
+                str(tmp_path / "ckpt"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        convert_cli(["to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "llm"), "--llm-only"])
+        == 0
+    )
     llm = LlamaForCausalLM.from_pretrained(tmp_path / "llm")
     for name, tensor in state(model.language_model).items():
         assert np.array_equal(state(llm)[name], tensor), name
@@ -74,8 +101,9 @@ def test_llama_delta_is_merged(tmp_path):
     save_file(vision, str(tmp_path / "vision" / "model.safetensors"))
     (tmp_path / "vision" / "config.json").write_text(json.dumps(model.config.to_dict()))
 
-    params, cfg = load_hf(str(tmp_path / "vision"), llm_dir=str(tmp_path / "base"),
-                          llm_delta_dir=str(tmp_path / "delta"))
+    params, cfg = load_hf(
+        str(tmp_path / "vision"), llm_dir=str(tmp_path / "base"), llm_delta_dir=str(tmp_path / "delta")
+    )
     lm = params["language_model"]
     b, d = state(base), state(delta)
     np.testing.assert_array_equal(lm["embed_tokens"]["embedding"], d["model.embed_tokens.weight"])

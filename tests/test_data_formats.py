@@ -1,4 +1,5 @@
 """Task formats: Ziya prompt layout, loss mask on answers + EOS only, image placeholders, truncation, boxes."""
+
 import numpy as np
 import pytest
 
@@ -21,8 +22,12 @@ def qtok(tmp_path_factory):
 
 
 def encode(conv, tok, max_len=160, num_images=None):
-    conv = formats.place_images(conv, conv.prefix.count(formats.IMAGE) + sum(
-        t.query.count(formats.IMAGE) for t in conv.turns) if num_images is None else num_images)
+    conv = formats.place_images(
+        conv,
+        conv.prefix.count(formats.IMAGE) + sum(t.query.count(formats.IMAGE) for t in conv.turns)
+        if num_images is None
+        else num_images,
+    )
     return formats.encode_conversation(conv, tok, max_len, tok.vocab_size, Q)
 
 
@@ -37,8 +42,11 @@ def reason(excinfo):
 
 
 def test_multi_turn_layout_and_loss_mask_cover_exactly_answers_and_eos(tok):
-    turns = (Turn("图中有几个物体？", "3"), Turn("What color is the object at the top?", "red"),
-             Turn("Where is the red circle?", "top left"))
+    turns = (
+        Turn("图中有几个物体？", "3"),
+        Turn("What color is the object at the top?", "red"),
+        Turn("Where is the red circle?", "top left"),
+    )
     row, images = encode(Conversation(turns), tok)
     ids, att, loss = row["input_ids"], row["attention_mask"], row["loss_mask"]
     assert ids.dtype == att.dtype == loss.dtype == np.int32 and ids.shape == (160,)
@@ -50,8 +58,8 @@ def test_multi_turn_layout_and_loss_mask_cover_exactly_answers_and_eos(tok):
     assert len(answer_runs) == len(turns)
     prompt_start = 0
     for (start, end), turn in zip(answer_runs, turns):
-        assert ids[end - 1] == tok.eos_id and tok.eos_id not in ids[start:end - 1]
-        assert tok.decode(ids[start:end - 1]) == turn.answer
+        assert ids[end - 1] == tok.eos_id and tok.eos_id not in ids[start : end - 1]
+        assert tok.decode(ids[start : end - 1]) == turn.answer
         assert tok.decode(ids[prompt_start:start]) == f"<human>:{turn.query}\n<bot>:"
         prompt_start = end
     assert prompt_start == n  # no BOS anywhere, nothing after the last EOS but padding
@@ -63,9 +71,9 @@ def test_images_without_placeholders_go_first(tok):
     assert conv.prefix == formats.IMAGE * 2
     row, images = formats.encode_conversation(conv, tok, 64, tok.vocab_size, Q)
     ids = row["input_ids"]
-    assert images == 2 and (ids[:2 * Q] == tok.vocab_size).all() and ids[2 * Q] != tok.vocab_size
-    assert tok.decode(ids[2 * Q:]).startswith("<human>:Describe")
-    assert not row["loss_mask"][:2 * Q].any()
+    assert images == 2 and (ids[: 2 * Q] == tok.vocab_size).all() and ids[2 * Q] != tok.vocab_size
+    assert tok.decode(ids[2 * Q :]).startswith("<human>:Describe")
+    assert not row["loss_mask"][: 2 * Q].any()
 
 
 def test_images_the_text_does_not_place_go_first(tok):
@@ -86,11 +94,14 @@ def test_multi_image_placeholders_expand_in_place(tok):
     assert not row["loss_mask"][ids == tok.vocab_size].any()
 
 
-@pytest.mark.parametrize("conv,num_images", [
-    (Conversation((Turn("<image> and <image>", "x"),)), 1),
-    (Conversation((Turn("<image>", "x"),)), 0),
-    (Conversation((Turn("<image>", "look: <image>"),)), 2),
-])
+@pytest.mark.parametrize(
+    "conv,num_images",
+    [
+        (Conversation((Turn("<image> and <image>", "x"),)), 1),
+        (Conversation((Turn("<image>", "x"),)), 0),
+        (Conversation((Turn("<image>", "look: <image>"),)), 2),
+    ],
+)
 def test_placeholder_count_must_match_images(conv, num_images):
     with pytest.raises(errors.BadSample) as e:
         formats.place_images(conv, num_images)
@@ -103,14 +114,21 @@ def test_overlong_conversations_keep_whole_turns_and_their_images(tok):
     ends = [e for _, e in runs(full["loss_mask"])]
     cut, cut_images = encode(Conversation(turns), tok, max_len=ends[1] + 1)  # room for 2 turns, not 3
     assert cut_images == 1 and images == 2
-    assert len(runs(cut["loss_mask"])) == 2 and (cut["input_ids"][:ends[1]] == full["input_ids"][:ends[1]]).all()
+    assert len(runs(cut["loss_mask"])) == 2 and (cut["input_ids"][: ends[1]] == full["input_ids"][: ends[1]]).all()
     with pytest.raises(errors.BadSample) as e:
         encode(Conversation(turns), tok, max_len=ends[0] - 1)
     assert reason(e) == errors.TEXT_TOO_LONG
 
 
-@pytest.mark.parametrize("conv", [Conversation(()), Conversation((Turn("q", " "),)),
-                                  Conversation((Turn("", "a"),)), Conversation((Turn("q", "a"), Turn("q2", "")))])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        Conversation(()),
+        Conversation((Turn("q", " "),)),
+        Conversation((Turn("", "a"),)),
+        Conversation((Turn("q", "a"), Turn("q2", ""))),
+    ],
+)
 def test_empty_text_is_rejected(tok, conv):
     with pytest.raises(errors.BadSample) as e:
         formats.encode_conversation(conv, tok, 64, tok.vocab_size, Q)
@@ -133,26 +151,40 @@ def test_task_templates_are_bilingual():
     assert gc == Turn("区域[1,2,30,40]里是什么？", "红色圆形")
     v = formats.conversation("vqa", {"question": "Is it red?", "answer": "yes"})
     assert v == Conversation((Turn("Is it red?", "yes"),))
-    llava = formats.conversation("conversation", {"conversations": [
-        {"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "hello"},
-        {"from": "human", "value": "more"}, {"from": "gpt", "value": "sure"}]})
+    llava = formats.conversation(
+        "conversation",
+        {
+            "conversations": [
+                {"from": "human", "value": "<image>\nhi"},
+                {"from": "gpt", "value": "hello"},
+                {"from": "human", "value": "more"},
+                {"from": "gpt", "value": "sure"},
+            ]
+        },
+    )
     assert llava.turns == (Turn("<image>\nhi", "hello"), Turn("more", "sure"))
     assert formats.instruction(llava) == "hi\nmore"
 
 
-@pytest.mark.parametrize("task,ann,why", [
-    ("segmentation", {"caption": "x"}, errors.UNKNOWN_TASK),
-    ("vqa", {"question": "q"}, errors.BAD_ANNOTATION),
-    ("caption", {"caption": 3}, errors.BAD_ANNOTATION),
-    ("caption", {"caption": "x", "lang": "fr"}, errors.BAD_ANNOTATION),
-    ("grounding", {"phrase": "p", "box": [5, 5, 1, 1]}, errors.BAD_ANNOTATION),
-    ("grounding", {"phrase": "p", "box": [0, 0, 1000, 10]}, errors.BAD_ANNOTATION),
-    ("grounding", {"phrase": "p", "box": [0.5, 0, 1, 1]}, errors.BAD_ANNOTATION),
-    ("conversation", {"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]},
-     errors.BAD_ANNOTATION),
-    ("conversation", {"conversations": [{"from": "human", "value": "q"}]}, errors.BAD_ANNOTATION),
-    ("conversation", {"conversations": []}, errors.EMPTY_TEXT),
-])
+@pytest.mark.parametrize(
+    "task,ann,why",
+    [
+        ("segmentation", {"caption": "x"}, errors.UNKNOWN_TASK),
+        ("vqa", {"question": "q"}, errors.BAD_ANNOTATION),
+        ("caption", {"caption": 3}, errors.BAD_ANNOTATION),
+        ("caption", {"caption": "x", "lang": "fr"}, errors.BAD_ANNOTATION),
+        ("grounding", {"phrase": "p", "box": [5, 5, 1, 1]}, errors.BAD_ANNOTATION),
+        ("grounding", {"phrase": "p", "box": [0, 0, 1000, 10]}, errors.BAD_ANNOTATION),
+        ("grounding", {"phrase": "p", "box": [0.5, 0, 1, 1]}, errors.BAD_ANNOTATION),
+        (
+            "conversation",
+            {"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]},
+            errors.BAD_ANNOTATION,
+        ),
+        ("conversation", {"conversations": [{"from": "human", "value": "q"}]}, errors.BAD_ANNOTATION),
+        ("conversation", {"conversations": []}, errors.EMPTY_TEXT),
+    ],
+)
 def test_bad_annotations_are_named(task, ann, why):
     with pytest.raises(errors.BadSample) as e:
         formats.conversation(task, ann)

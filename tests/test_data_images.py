@@ -1,4 +1,5 @@
 """Image decoding: every PIL mode to RGB, bad files by reason, the pixel limit, CLIP normalisation, crops."""
+
 import io
 import struct
 import time
@@ -19,8 +20,10 @@ def encode(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header declares width x height RGB with almost no pixel data behind it."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 

@@ -1,5 +1,6 @@
 """Grain pipelines: the batch contract (fed to ZiyaVisual), exact resume, process shards, mixture weights,
 seeded shuffles, bad samples counted by reason (or raised when strict), augmentation, TFDS without TF."""
+
 import collections
 import io
 import json
@@ -25,8 +26,15 @@ def toks(tmp_path_factory):
 
 
 def config(toks, **kw):
-    base = dict(batch_size=4, text_len=96, image_size=28, num_query_tokens=Q, image_token_id=toks[0].vocab_size,
-                max_images=2, qformer_text_len=24)
+    base = dict(
+        batch_size=4,
+        text_len=96,
+        image_size=28,
+        num_query_tokens=Q,
+        image_token_id=toks[0].vocab_size,
+        max_images=2,
+        qformer_text_len=24,
+    )
     return DataConfig(**{**base, **kw})
 
 
@@ -37,8 +45,10 @@ def batches(sources, toks, n=None, process=(0, 1), **kw):
 
 
 def text_records(n, prefix="r", answer=lambda i: str(i)):
-    return [{"id": f"{prefix}{i}", "images": [], "annotation": {"question": f"question {i}?", "answer": answer(i)}}
-            for i in range(n)]
+    return [
+        {"id": f"{prefix}{i}", "images": [], "annotation": {"question": f"question {i}?", "answer": answer(i)}}
+        for i in range(n)
+    ]
 
 
 def answers(batch, tok):
@@ -70,9 +80,15 @@ def tiny_model(toks):
 
 def two_images():
     """One record whose conversation shows two images."""
-    return [{"id": "two", "images": list(synth(2)[0]["images"]) + list(synth(2)[1]["images"]),
-             "annotation": {"conversations": [{"from": "human", "value": "<image> vs <image>?"},
-                                              {"from": "gpt", "value": "same"}]}}]
+    return [
+        {
+            "id": "two",
+            "images": list(synth(2)[0]["images"]) + list(synth(2)[1]["images"]),
+            "annotation": {
+                "conversations": [{"from": "human", "value": "<image> vs <image>?"}, {"from": "gpt", "value": "same"}]
+            },
+        }
+    ]
 
 
 def test_batch_contract_and_model_forward(toks):
@@ -85,10 +101,15 @@ def test_batch_contract_and_model_forward(toks):
     sources.append(Source(two_images(), "conversation"))
     (batch,), _ = batches(sources, toks, n=1, batch_size=5, shuffle=False)
     shapes = {k: (v.shape, v.dtype) for k, v in batch.items()}
-    assert shapes == {"input_ids": ((5, 96), np.int32), "attention_mask": ((5, 96), np.int32),
-                      "loss_mask": ((5, 96), np.int32), "pixel_values": ((5, 2, 28, 28, 3), np.float32),
-                      "image_mask": ((5, 2), np.int32), "qformer_ids": ((5, 24), np.int32),
-                      "qformer_mask": ((5, 24), np.int32)}
+    assert shapes == {
+        "input_ids": ((5, 96), np.int32),
+        "attention_mask": ((5, 96), np.int32),
+        "loss_mask": ((5, 96), np.int32),
+        "pixel_values": ((5, 2, 28, 28, 3), np.float32),
+        "image_mask": ((5, 2), np.int32),
+        "qformer_ids": ((5, 24), np.int32),
+        "qformer_mask": ((5, 24), np.int32),
+    }
     placeholders = (batch["input_ids"] == tok.vocab_size).sum(1)
     assert list(placeholders) == list(batch["image_mask"].sum(1) * Q) == [Q, Q, Q, Q, 2 * Q]
     assert (batch["pixel_values"][batch["image_mask"] == 0] == 0).all()
@@ -117,7 +138,6 @@ def segments(batch):
 
 def test_packed_rows_hold_the_same_examples_and_give_the_same_logits(toks):
     import jax
-
     import ml_collections
 
     from ziya_jax.model import ZiyaVisual, init_params
@@ -133,8 +153,9 @@ def test_packed_rows_hold_the_same_examples_and_give_the_same_logits(toks):
     cfg = tiny_model(toks)
     params = init_params(cfg, jax.random.key(0))
     keys = ("input_ids", "attention_mask", "pixel_values", "qformer_ids", "qformer_mask", "positions")
-    forward = jax.jit(lambda p, b, seg: ZiyaVisual(cfg).apply({"params": p}, *(b.get(k) for k in keys),
-                                                              segment_ids=seg))
+    forward = jax.jit(
+        lambda p, b, seg: ZiyaVisual(cfg).apply({"params": p}, *(b.get(k) for k in keys), segment_ids=seg)
+    )
     data = ml_collections.ConfigDict(dict(batch_size=n, text_len=t, max_images=3, pack=True))
     for batch in packed:
         assert batch_shapes(data, cfg, stage1=False) == {k: (v.shape, v.dtype) for k, v in batch.items()}
@@ -142,32 +163,39 @@ def test_packed_rows_hold_the_same_examples_and_give_the_same_logits(toks):
         logits = np.asarray(forward(params, batch, batch["segment_ids"]))
         mine = segments(batch)
         # First fit in stream order: the batch holds the next len(mine) examples, each whole, in some rows.
-        expected = plain[used:used + len(mine)]
+        expected = plain[used : used + len(mine)]
         used += len(mine)
         alone = [np.asarray(forward(params, ex, None)) for ex in expected]  # each example's logits, unpacked
         assert sorted(b["input_ids"][0].tobytes() for b in expected) == sorted(
-            np.pad(batch["input_ids"][r, a:a + m], (0, t - m), constant_values=toks[0].pad_id).tobytes()
-            for r, a, m in mine)
+            np.pad(batch["input_ids"][r, a : a + m], (0, t - m), constant_values=toks[0].pad_id).tobytes()
+            for r, a, m in mine
+        )
         slot = collections.Counter()
         for r, a, m in mine:
-            j = next(j for j, b in enumerate(expected) if b["attention_mask"][0].sum() == m
-                     and b["input_ids"][0, :m].tobytes() == batch["input_ids"][r, a:a + m].tobytes())
+            j = next(
+                j
+                for j, b in enumerate(expected)
+                if b["attention_mask"][0].sum() == m
+                and b["input_ids"][0, :m].tobytes() == batch["input_ids"][r, a : a + m].tobytes()
+            )
             ex = expected[j]
-            np.testing.assert_array_equal(batch["positions"][r, a:a + m], np.arange(m))
-            np.testing.assert_array_equal(batch["loss_mask"][r, a:a + m], ex["loss_mask"][0, :m])
+            np.testing.assert_array_equal(batch["positions"][r, a : a + m], np.arange(m))
+            np.testing.assert_array_equal(batch["loss_mask"][r, a : a + m], ex["loss_mask"][0, :m])
             k = int(ex["image_mask"].sum())
-            np.testing.assert_array_equal(batch["pixel_values"][r, slot[r]:slot[r] + k], ex["pixel_values"][0, :k])
-            assert (batch["qformer_ids"][r, slot[r]:slot[r] + k] == ex["qformer_ids"][0]).all()
+            np.testing.assert_array_equal(batch["pixel_values"][r, slot[r] : slot[r] + k], ex["pixel_values"][0, :k])
+            assert (batch["qformer_ids"][r, slot[r] : slot[r] + k] == ex["qformer_ids"][0]).all()
             slot[r] += k
-            np.testing.assert_allclose(logits[r, a:a + m], alone[j][0, :m], atol=2e-5, rtol=1e-4)
+            np.testing.assert_allclose(logits[r, a : a + m], alone[j][0, :m], atol=2e-5, rtol=1e-4)
         for r in range(n):
             assert batch["attention_mask"][r].sum() == sum(m for rr, _, m in mine if rr == r) <= t
             assert batch["image_mask"][r].sum() == slot[r] <= 3
             assert (batch["segment_ids"][r] > 0).sum() == batch["attention_mask"][r].sum()
         # The loss is the token mean over the same answer tokens as unpacked.
         loss = lm_loss(logits, batch["input_ids"], batch["loss_mask"])
-        nll = [float(lm_loss(x, ex["input_ids"], ex["loss_mask"])) * ex["loss_mask"][0, 1:].sum()
-               for x, ex in zip(alone, expected)]
+        nll = [
+            float(lm_loss(x, ex["input_ids"], ex["loss_mask"])) * ex["loss_mask"][0, 1:].sum()
+            for x, ex in zip(alone, expected)
+        ]
         np.testing.assert_allclose(loss, sum(nll) / sum(ex["loss_mask"][0, 1:].sum() for ex in expected), rtol=1e-4)
     assert used > 3 * n  # rows hold several examples
 
@@ -199,8 +227,11 @@ def test_restored_iterator_continues_with_exactly_the_next_batches(toks):
 
 
 def rows_of(batches_):
-    return sorted(b["input_ids"][i].tobytes() + b["pixel_values"][i].tobytes()
-                  for b in batches_ for i in range(len(b["input_ids"])))
+    return sorted(
+        b["input_ids"][i].tobytes() + b["pixel_values"][i].tobytes()
+        for b in batches_
+        for i in range(len(b["input_ids"]))
+    )
 
 
 def test_worker_processes_prepare_the_same_rows_and_resume(toks):
@@ -268,8 +299,13 @@ def test_shuffle_is_seeded_and_changes_each_epoch(toks, n):
 def png_bomb():
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def encoded(im, fmt="PNG"):
@@ -304,11 +340,17 @@ def image_dir(tmp_path_factory):
     rgb = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
     good = Image.fromarray(rgb)
     rgba = np.concatenate([rgb, np.full((40, 40, 1), 128, np.uint8)], -1)
-    files = {"good.png": encoded(good), "gray.png": encoded(good.convert("L")),
-             "gray16.png": encoded(Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)),
-             "pal.png": encoded(good.convert("P")), "rgba.png": encoded(Image.fromarray(rgba, "RGBA")),
-             "cmyk.jpg": encoded(good.convert("CMYK"), "JPEG"), "zero.png": b"",
-             "corrupt.jpg": b"\xff\xd8 this is no jpeg" * 20, "bomb.png": png_bomb()}
+    files = {
+        "good.png": encoded(good),
+        "gray.png": encoded(good.convert("L")),
+        "gray16.png": encoded(Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)),
+        "pal.png": encoded(good.convert("P")),
+        "rgba.png": encoded(Image.fromarray(rgba, "RGBA")),
+        "cmyk.jpg": encoded(good.convert("CMYK"), "JPEG"),
+        "zero.png": b"",
+        "corrupt.jpg": b"\xff\xd8 this is no jpeg" * 20,
+        "bomb.png": png_bomb(),
+    }
     files["trunc.png"] = files["good.png"][:900]
     for name, data in files.items():
         (d / name).write_bytes(data)
@@ -324,10 +366,15 @@ def write_manifest(path, entries, junk_line=False):
 
 
 def test_every_bad_input_is_skipped_and_counted(toks, image_dir, tmp_path):
-    two = {"image": ["good.png", "rgba.png"], "conversations": [
-        {"from": "human", "value": "<image> and <image>: same?"}, {"from": "gpt", "value": "no"}]}
-    entries = ([entry(id=f"ok-{name}", image=name) for name in GOOD] + [two]
-               + [entry(id=reason, **e) for reason, e in BAD_ENTRIES.items()])
+    two = {
+        "image": ["good.png", "rgba.png"],
+        "conversations": [{"from": "human", "value": "<image> and <image>: same?"}, {"from": "gpt", "value": "no"}],
+    }
+    entries = (
+        [entry(id=f"ok-{name}", image=name) for name in GOOD]
+        + [two]
+        + [entry(id=reason, **e) for reason, e in BAD_ENTRIES.items()]
+    )
     src = ManifestSource(write_manifest(tmp_path / "m.jsonl", entries, junk_line=True), image_dir)
     assert list(src.invalid) == [f"{tmp_path / 'm.jsonl'}:2"]
     out, it = batches([Source(src)], toks, batch_size=1, num_epochs=1, shuffle=False, text_len=64)
@@ -340,17 +387,29 @@ def test_every_bad_input_is_skipped_and_counted(toks, image_dir, tmp_path):
 
 @pytest.mark.parametrize("reason", list(BAD_ENTRIES))
 def test_strict_mode_raises_with_the_sample_and_reason(toks, image_dir, tmp_path, reason):
-    path = write_manifest(tmp_path / "m.jsonl", [entry(id="fine", image="good.png"),
-                                                 entry(id=f"sample-{reason}", **BAD_ENTRIES[reason])])
-    it = iter(pipeline.instruction_batches([Source(ManifestSource(path, image_dir))],
-                                           config(toks, batch_size=1, strict=True, shuffle=False, text_len=64),
-                                           *toks, 0, 1))
+    path = write_manifest(
+        tmp_path / "m.jsonl", [entry(id="fine", image="good.png"), entry(id=f"sample-{reason}", **BAD_ENTRIES[reason])]
+    )
+    it = iter(
+        pipeline.instruction_batches(
+            [Source(ManifestSource(path, image_dir))],
+            config(toks, batch_size=1, strict=True, shuffle=False, text_len=64),
+            *toks,
+            0,
+            1,
+        )
+    )
     next(it)
     with pytest.raises(errors.BadSampleError, match=f"sample-{reason}.*{reason}") as e:
         next(it)
     image = BAD_ENTRIES[reason]["image"]
-    if reason in (errors.EMPTY_IMAGE, errors.CORRUPT_IMAGE, errors.TRUNCATED_IMAGE, errors.DECOMPRESSION_BOMB,
-                  errors.MISSING_FILE):
+    if reason in (
+        errors.EMPTY_IMAGE,
+        errors.CORRUPT_IMAGE,
+        errors.TRUNCATED_IMAGE,
+        errors.DECOMPRESSION_BOMB,
+        errors.MISSING_FILE,
+    ):
         assert image in str(e.value)
 
 
@@ -379,8 +438,14 @@ def test_configuration_errors_are_named(toks):
 
 def test_augmentation_crops_only_geometry_free_samples_and_is_off_by_default(toks):
     scenes = synth(8)
-    photos = [{"id": f"p{i}", "images": scenes[i]["images"],
-               "annotation": {"caption": "a photo", "phrase": "a thing", "box": [0, 0, 500, 500]}} for i in range(8)]
+    photos = [
+        {
+            "id": f"p{i}",
+            "images": scenes[i]["images"],
+            "annotation": {"caption": "a photo", "phrase": "a thing", "box": [0, 0, 500, 500]},
+        }
+        for i in range(8)
+    ]
 
     def rows(records, task, augment):
         out, _ = batches([Source(records, task)], toks, batch_size=8, num_epochs=1, shuffle=False, augment=augment)
@@ -397,11 +462,18 @@ def test_augmentation_crops_only_geometry_free_samples_and_is_off_by_default(tok
 
 def test_pair_batches_for_stage_one(toks):
     tok, qtok = toks
-    it = iter(pipeline.pair_batches([Source(synth(16), "caption")],
-                                    config(toks, qformer_text_len=48, num_epochs=1, shuffle=False), qtok, 0, 1))
+    it = iter(
+        pipeline.pair_batches(
+            [Source(synth(16), "caption")], config(toks, qformer_text_len=48, num_epochs=1, shuffle=False), qtok, 0, 1
+        )
+    )
     batch = next(it)
-    assert {k: v.shape for k, v in batch.items()} == {"pixel_values": (4, 28, 28, 3), "text_ids": (4, 48),
-                                                       "text_mask": (4, 48), "itg_ids": (4, 48)}
+    assert {k: v.shape for k, v in batch.items()} == {
+        "pixel_values": (4, 28, 28, 3),
+        "text_ids": (4, 48),
+        "text_mask": (4, 48),
+        "itg_ids": (4, 48),
+    }
     assert (batch["text_ids"][:, 0] == qtok.cls_id).all() and (batch["itg_ids"][:, 0] == qtok.dec_id).all()
     np.testing.assert_array_equal(batch["itg_ids"][:, 1:], batch["text_ids"][:, 1:])
     for i in range(4):
@@ -424,9 +496,10 @@ def test_tfds_builders_work_without_tensorflow(toks, image_dir, tmp_path):
 
     assert rows(stored) == rows(synth(12))  # PNG storage is lossless: same rows as rendering on the fly
 
-    manifest = write_manifest(tmp_path / "train.jsonl", [entry(id="a", image="good.png"),
-                                                        entry(id="b", image="missing.png"),
-                                                        entry(id="c", image="trunc.png")])
+    manifest = write_manifest(
+        tmp_path / "train.jsonl",
+        [entry(id="a", image="good.png"), entry(id="b", image="missing.png"), entry(id="c", image="trunc.png")],
+    )
     tfds_builders.build_manifest(str(tmp_path / "tfds"), "mine", {"train": str(manifest)}, str(image_dir))
     records = tfds_builders.data_source("llava_manifest/mine", "train", str(tmp_path / "tfds"))
     assert sorted(r["id"] for r in (records[i] for i in range(len(records)))) == [b"a", b"c"]  # missing left out

@@ -1,5 +1,6 @@
 """The synthetic bilingual set: determinism, disjoint splits, coverage, boxes that match the pixels,
 answers that match the scene."""
+
 import collections
 import re
 
@@ -47,8 +48,10 @@ def test_scenes_cover_the_vocabulary_and_keep_objects_nameable(scenes):
 def test_box_is_where_the_shape_is_drawn(shape):
     size = 96
     box = [30.0, 20.0, 62.0, 52.0]
-    scene = {"objects": [{"color": "blue", "shape": shape, "size": "large", "position": "center", "box_px": box}],
-             "background": {"level": 128.0, "tint": np.zeros(3), "angle": 0.0, "ramp": 0.0, "noise": 0.0}}
+    scene = {
+        "objects": [{"color": "blue", "shape": shape, "size": "large", "position": "center", "box_px": box}],
+        "background": {"level": 128.0, "tint": np.zeros(3), "angle": 0.0, "ramp": 0.0, "noise": 0.0},
+    }
     image = synthetic.render(scene, size, np.random.default_rng(0)).astype(int)
     ys, xs = np.nonzero(np.abs(image - 128).sum(-1) > 30)
     assert len(xs) > 100
@@ -62,9 +65,10 @@ def test_generated_boxes_contain_their_objects():
         x1, y1, x2, y2 = (np.array(obj["box"]) * 128 / 1000).astype(int)
         rgb = np.array(synthetic._RGB[obj["color"]])
         close = np.abs(image.astype(int) - rgb).max(-1) < 45
-        inside = close[y1:y2 + 2, x1:x2 + 2].sum()
-        assert inside > 10 and inside >= 0.8 * close.sum() / max(1, sum(
-            o["color"] == obj["color"] for o in scene["objects"]))
+        inside = close[y1 : y2 + 2, x1 : x2 + 2].sum()
+        assert inside > 10 and inside >= 0.8 * close.sum() / max(
+            1, sum(o["color"] == obj["color"] for o in scene["objects"])
+        )
 
 
 def test_answers_follow_the_scene(scenes):
@@ -76,13 +80,18 @@ def test_answers_follow_the_scene(scenes):
             q, a = synthetic.vqa(scene, "count", lang, rng)
             assert a == str(len(objs))
             q, a = synthetic.vqa(scene, "color", lang, rng)
-            said = re.fullmatch(r"(.+)的物体是什么颜色？" if lang == "zh" else r"What color is the object at the (.+)\?",
-                                q).group(1)
+            said = re.fullmatch(
+                r"(.+)的物体是什么颜色？" if lang == "zh" else r"What color is the object at the (.+)\?", q
+            ).group(1)
             pos = next(p for p, zh in synthetic.POSITIONS if (zh if lang == "zh" else p) == said)
             assert a == synthetic._word(objs[pos]["color"], lang)
             q, a = synthetic.vqa(scene, "position", lang, rng)
-            assert any(synthetic._word(o["color"], lang) in q and synthetic._word(o["shape"], lang) in q
-                       and a == synthetic._word(p, lang) for p, o in objs.items())
+            assert any(
+                synthetic._word(o["color"], lang) in q
+                and synthetic._word(o["shape"], lang) in q
+                and a == synthetic._word(p, lang)
+                for p, o in objs.items()
+            )
             q, a = synthetic.vqa(scene, "yesno", lang, rng)
             assert a in ("yes", "是", "no", "否")
             yes += a in ("yes", "是")
@@ -119,10 +128,9 @@ def test_cell_labels_name_each_cell_or_nothing(scenes):
     empty = [len(names) for names in synthetic.CELL_ATTRIBUTES.values()]
     for scene in scenes[:50]:
         labels = synthetic.cell_labels(scene)
-        assert labels.shape == (synthetic.GRID ** 2, 3)
+        assert labels.shape == (synthetic.GRID**2, 3)
         by_cell = {[p for p, _ in synthetic.POSITIONS].index(o["position"]): o for o in scene["objects"]}
         for cell, row in enumerate(labels):
             obj = by_cell.get(cell)
-            expected = empty if obj is None else [names.index(obj[a]) for a, names in
-                                                  synthetic.CELL_ATTRIBUTES.items()]
+            expected = empty if obj is None else [names.index(obj[a]) for a, names in synthetic.CELL_ATTRIBUTES.items()]
             assert list(row) == expected

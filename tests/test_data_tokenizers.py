@@ -1,4 +1,5 @@
 """Tokenizers: lossless bilingual round trips, deterministic training, added tokens, BERT vocab.txt."""
+
 import copy
 import itertools
 import json
@@ -53,8 +54,9 @@ def test_demo_pieces_stay_inside_chinese_words(demo):
     tok, _ = demo
     text = "图中有3个物体：左上是一个大的红色圆形，右下是一个小的蓝色正方形。红色正方形在哪里？"
     piece_ends = set(itertools.accumulate(len(tok.decode([i])) for i in tok.encode(text)))
-    word_ends = set(itertools.accumulate(len(w) for w in tokenizers.mark_chinese_words(text)
-                                         .split(tokenizers.WORD_BOUNDARY)))
+    word_ends = set(
+        itertools.accumulate(len(w) for w in tokenizers.mark_chinese_words(text).split(tokenizers.WORD_BOUNDARY))
+    )
     assert word_ends <= piece_ends  # every word boundary is a piece boundary
     assert [tok.decode([i]) for i in tok.encode("红色正方形在哪里？")] == ["红色", "正方形", "在", "哪里", "？"]
 
@@ -91,7 +93,7 @@ def test_added_tokens_json_is_honoured(tmp_path):
     text = "<human>:你好<bot>:hi<human>"
     ids = tok.encode(text)
     assert ids[0] == added["<human>"] and ids[-1] == added["<human>"] and added["<bot>"] in ids
-    assert ids[1:ids.index(added["<bot>"])] == base.encode(":你好")
+    assert ids[1 : ids.index(added["<bot>"])] == base.encode(":你好")
     assert tok.decode(ids) == text
     clone = copy.deepcopy(tok)  # what a Grain worker process receives
     assert clone.encode(text) == ids and clone.vocab_size == tok.vocab_size
@@ -118,7 +120,9 @@ def test_bert_vocab_wordpiece(tmp_path, with_dec):
     path = tmp_path / "vocab.txt"
     path.write_text("\n".join(vocab) + "\n", encoding="utf-8")
     q = tokenizers.QFormerTokenizer.from_bert_vocab(path)
-    assert q.encode("The red Circles 红色.") == [vocab.index(t) for t in ["the", "red", "circle", "##s", "红", "色", "."]]
+    assert q.encode("The red Circles 红色.") == [
+        vocab.index(t) for t in ["the", "red", "circle", "##s", "红", "色", "."]
+    ]
     assert (q.cls_id, q.sep_id, q.pad_id) == (2, 3, 0)
     # BLIP-2's [DEC] is an added token after bert-base-uncased's 30522 entries (hence 30523)
     assert q.dec_id == (vocab.index("[DEC]") if with_dec else len(VOCAB))

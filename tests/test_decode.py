@@ -1,11 +1,12 @@
 """Greedy and beam decoding vs transformers' generate on the same converted weights."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from hf_models import IMAGE_TOKEN, NUM_QUERIES, make_hf_model, to_jax_pixels
+
 from ziya_jax.convert import load_hf
 from ziya_jax.decode import DecodeConfig, decode_params, generate
 
@@ -21,8 +22,8 @@ def prompts(batch, seed=0):
     mask = torch.zeros_like(ids)
     for i, n in enumerate(lengths):
         row = torch.cat([torch.full((NUM_QUERIES,), IMAGE_TOKEN), torch.randint(3, 120, (n,), generator=g)])
-        ids[i, width - len(row):] = row
-        mask[i, width - len(row):] = 1
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
     pixels = torch.randn(batch, 3, 28, 28, generator=g)
     qids = torch.randint(1, 100, (batch, 5), generator=g)
     return ids, mask, pixels, qids, torch.ones_like(qids)
@@ -31,9 +32,16 @@ def prompts(batch, seed=0):
 def hf_new_tokens(model, kind, ids, mask, pixels, qids, qmask, **kwargs):
     extra = dict(qformer_input_ids=qids, qformer_attention_mask=qmask) if kind == "instructblip" else {}
     with torch.no_grad():
-        out = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, pad_token_id=PAD,
-                             do_sample=False, **extra, **kwargs)
-    return out[:, ids.shape[1]:].numpy()
+        out = model.generate(
+            pixel_values=pixels,
+            input_ids=ids,
+            attention_mask=mask,
+            pad_token_id=PAD,
+            do_sample=False,
+            **extra,
+            **kwargs,
+        )
+    return out[:, ids.shape[1] :].numpy()
 
 
 def rows(tokens, lengths):
@@ -45,7 +53,7 @@ def hf_rows(new, eos):
     out = []
     for r in new:
         r = list(r)
-        out.append(r[:r.index(eos) + 1] if eos in r else r)
+        out.append(r[: r.index(eos) + 1] if eos in r else r)
     return out
 
 
@@ -57,8 +65,11 @@ def test_greedy_and_beam_match_transformers(kind, batch, tmp_path):
     stacked, cfg = load_hf(str(tmp_path / "hf"))
     params = decode_params(stacked)  # per-layer weights, the fast path; the stacked ones are checked below
     ids, mask, pixels, qids, qmask = prompts(batch)
-    ours_inputs = dict(pixel_values=jnp.asarray(to_jax_pixels(pixels, batch)), qformer_ids=jnp.asarray(qids.numpy()),
-                       qformer_mask=jnp.asarray(qmask.numpy()))
+    ours_inputs = dict(
+        pixel_values=jnp.asarray(to_jax_pixels(pixels, batch)),
+        qformer_ids=jnp.asarray(qids.numpy()),
+        qformer_mask=jnp.asarray(qmask.numpy()),
+    )
     n_new = 8
     # EOS chosen so it is actually reached early: the third token the model emits greedily without one.
     free = hf_new_tokens(model, kind, ids, mask, pixels, qids, qmask, max_new_tokens=n_new, eos_token_id=None)
@@ -66,11 +77,23 @@ def test_greedy_and_beam_match_transformers(kind, batch, tmp_path):
     results = {}
     for eos in (early_eos, 126):
         for beams in (1, 4):
-            dc = DecodeConfig(max_new_tokens=n_new, num_beams=beams, length_penalty=1.0, eos_token_id=eos,
-                              pad_token_id=PAD)
+            dc = DecodeConfig(
+                max_new_tokens=n_new, num_beams=beams, length_penalty=1.0, eos_token_id=eos, pad_token_id=PAD
+            )
             tokens, lengths = generate(params, cfg, ids.numpy(), mask.numpy(), dc=dc, **ours_inputs)
-            ref = hf_new_tokens(model, kind, ids, mask, pixels, qids, qmask, max_new_tokens=n_new,
-                                num_beams=beams, length_penalty=1.0, eos_token_id=eos)
+            ref = hf_new_tokens(
+                model,
+                kind,
+                ids,
+                mask,
+                pixels,
+                qids,
+                qmask,
+                max_new_tokens=n_new,
+                num_beams=beams,
+                length_penalty=1.0,
+                eos_token_id=eos,
+            )
             assert rows(tokens, lengths) == hf_rows(ref, eos), (eos, beams)
             results[eos, beams] = rows(tokens, lengths)
             assert (tokens[np.arange(n_new)[None] >= lengths[:, None]] == PAD).all()
@@ -89,8 +112,9 @@ def test_logit_processors_against_numpy():
     logits = rng.normal(size=(2, 50)).astype(np.float32) * 3
     seen = np.zeros((2, 50), bool)
     seen[0, [3, 7]] = True
-    dc = DecodeConfig(do_sample=True, temperature=0.7, top_k=10, top_p=0.5, repetition_penalty=1.3, min_new_tokens=2,
-                      eos_token_id=5)
+    dc = DecodeConfig(
+        do_sample=True, temperature=0.7, top_k=10, top_p=0.5, repetition_penalty=1.3, min_new_tokens=2, eos_token_id=5
+    )
     got = np.asarray(process_logits(jnp.asarray(logits), jnp.asarray(seen), 1, dc))
 
     ref = logits.copy()
@@ -126,8 +150,10 @@ def test_sampling_tiny_top_p_is_greedy_and_no_recompile(tmp_path):
     assert _search._cache_size() == compiled + 1  # one compilation for the three requests
     # Real sampling (top_p 1, high temperature) does vary with the seed.
     wild = DecodeConfig(max_new_tokens=6, eos_token_id=126, do_sample=True, temperature=5.0)
-    draws = {tuple(generate(params, cfg, ids.numpy(), mask.numpy(), pix, dc=wild, rng=jax.random.key(s))[0][0])
-             for s in range(4)}
+    draws = {
+        tuple(generate(params, cfg, ids.numpy(), mask.numpy(), pix, dc=wild, rng=jax.random.key(s))[0][0])
+        for s in range(4)
+    }
     assert len(draws) > 1
 
 

@@ -1,4 +1,5 @@
 """Readers of the benchmarks' released annotation formats, on the hand-made files in tests/data/eval."""
+
 import json
 import os
 
@@ -10,13 +11,25 @@ from ziya_jax.evaluate import datasets
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "eval")
 # Where each data set's images live, relative to the images folder, as the released layouts name them.
-IMAGES = ["0013ea2087020901.jpg", "00223d9f0a2e4cfb.jpg", "0041ed1b6a3a6b31.jpg",          # NoCaps
-          "1000092795.jpg", "10002456.jpg", "1000268201.jpg", "1000344755.jpg",              # Flickr30k(-CNA)
-          "val2014/COCO_val2014_000000000042.jpg", "val2014/COCO_val2014_000000000073.jpg",  # COCO-CN, VQAv2,
-          "train2014/COCO_train2014_000000000009.jpg",                                       # OKVQA
-          "n161313.jpg", "n336443.jpg",                                                      # GQA
-          "test/5/image.png", "test/7/image.png", "train/9/image.png",                       # ScienceQA
-          "VizWiz_val_00000000.jpg", "VizWiz_val_00000001.jpg"]                              # VizWiz
+IMAGES = [
+    "0013ea2087020901.jpg",
+    "00223d9f0a2e4cfb.jpg",
+    "0041ed1b6a3a6b31.jpg",  # NoCaps
+    "1000092795.jpg",
+    "10002456.jpg",
+    "1000268201.jpg",
+    "1000344755.jpg",  # Flickr30k(-CNA)
+    "val2014/COCO_val2014_000000000042.jpg",
+    "val2014/COCO_val2014_000000000073.jpg",  # COCO-CN, VQAv2,
+    "train2014/COCO_train2014_000000000009.jpg",  # OKVQA
+    "n161313.jpg",
+    "n336443.jpg",  # GQA
+    "test/5/image.png",
+    "test/7/image.png",
+    "train/9/image.png",  # ScienceQA
+    "VizWiz_val_00000000.jpg",
+    "VizWiz_val_00000001.jpg",
+]  # VizWiz
 
 
 def make_images(root) -> str:
@@ -55,8 +68,9 @@ def test_caption_readers(images):
     cna = datasets.read_flickr30k_cna(DATA, images)
     assert [it.id for it in cna] == ["1000092795", "1000268201", "1000344755"]
     assert all(len(it.references) == 2 for it in cna)
-    assert [it.id for it in datasets.read_captions(os.path.join(DATA, "flickr30k_cn_test.txt"), images)] == \
-        [it.id for it in cna]
+    assert [it.id for it in datasets.read_captions(os.path.join(DATA, "flickr30k_cn_test.txt"), images)] == [
+        it.id for it in cna
+    ]
     assert len(datasets.read_captions(os.path.join(DATA, "nocaps_val_4500_captions.json"), images)) == 3
 
 
@@ -69,11 +83,13 @@ def test_vqa_readers(images):
     ok = datasets.read_vqa(DATA, images, "val2014", okvqa=True)
     assert [it.question for it in ok] == ["What breed is this animal?"]
     gqa = datasets.read_gqa(DATA, images)
-    assert [(it.id, it.answers) for it in gqa] == [("20968379", ["yes"]), ("20968380", ["dog"]),
-                                                   ("201640614", ["white"])]
+    assert [(it.id, it.answers) for it in gqa] == [
+        ("20968379", ["yes"]),
+        ("20968380", ["dog"]),
+        ("201640614", ["white"]),
+    ]
     viz = datasets.read_vizwiz(DATA, images)
-    assert viz[0].answers.count("unanswerable") == 7 and viz[0].meta == {"answer_type": "unanswerable",
-                                                                          "answerable": 0}
+    assert viz[0].answers.count("unanswerable") == 7 and viz[0].meta == {"answer_type": "unanswerable", "answerable": 0}
 
 
 def test_scienceqa_keeps_the_splits_problems_with_images(images):

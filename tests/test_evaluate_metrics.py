@@ -1,4 +1,5 @@
 """Evaluation metrics against pycocoevalcap and hand-computed values."""
+
 import numpy as np
 import pytest
 from pycocoevalcap.bleu.bleu import Bleu
@@ -14,19 +15,39 @@ REFS = {
     "3": ["A red lobster on a white plate.", "Cooked lobster served on a dish.", "A plate with a lobster (red)."],
     "4": ["The U.S. flag flying at 10:30 p.m.", "A flag that isn't moving.", "An American flag on a pole."],
 }
-PREDS = {"1": "A man is riding a horse on the beach.", "2": "Two dogs run in the snow.",
-         "3": "A lobster on a plate.", "4": "A flag on a pole."}
+PREDS = {
+    "1": "A man is riding a horse on the beach.",
+    "2": "Two dogs run in the snow.",
+    "3": "A lobster on a plate.",
+    "4": "A flag on a pole.",
+}
 # Caption-like sentences on which the Python PTB equivalent must agree with the jar token for token.
 PTB_CASES = [
-    "A man's dog (brown) isn't running.", 'Two dogs, "happy" and wet; play-fighting!',
-    "It's 3.5 km/h -- fast... right?", "The U.S. flag & a $5 bill at 10:30 p.m.",
-    "She said 'hello' to Mr. Smith's cat.", "cannot gonna don't won't I'm you're they'll we've he'd",
-    "A {curly} [square] tag #1 50% off*", "Ends with etc.", "e-mail co-op 1,000 people   extra   spaces",
-    "Résumé café naïve", "a\ttab", "''quoted'' ``x``", "A B. C", "dogs' bones", 'he said: "no".',
-    "A woman (left) holds an umbrella; it's raining!", "An old-fashioned clock tower at 5 o'clock.",
-    "Kids' bikes parked outside.", "What's that? I don't know!", "a man in a t-shirt", "Mt. Fuji at dawn",
+    "A man's dog (brown) isn't running.",
+    'Two dogs, "happy" and wet; play-fighting!',
+    "It's 3.5 km/h -- fast... right?",
+    "The U.S. flag & a $5 bill at 10:30 p.m.",
+    "She said 'hello' to Mr. Smith's cat.",
+    "cannot gonna don't won't I'm you're they'll we've he'd",
+    "A {curly} [square] tag #1 50% off*",
+    "Ends with etc.",
+    "e-mail co-op 1,000 people   extra   spaces",
+    "Résumé café naïve",
+    "a\ttab",
+    "''quoted'' ``x``",
+    "A B. C",
+    "dogs' bones",
+    'he said: "no".',
+    "A woman (left) holds an umbrella; it's raining!",
+    "An old-fashioned clock tower at 5 o'clock.",
+    "Kids' bikes parked outside.",
+    "What's that? I don't know!",
+    "a man in a t-shirt",
+    "Mt. Fuji at dawn",
     "There are 4 objects: a small red circle at the top left, a large blue square at the center and a medium "
-    "green cross at the bottom right.", "A.", "...",
+    "green cross at the bottom right.",
+    "A.",
+    "...",
 ]
 
 
@@ -59,8 +80,11 @@ def test_cider_python_tokenizer_and_chinese_match_pycocoevalcap():
     cider, bleu = _coco_reference(REFS, PREDS, text.ptb_tokenize_python)
     got = captioning.caption_scores(REFS, PREDS, "en", en_tokenizer="python")
     assert (got["CIDEr"], got["BLEU-4"]) == pytest.approx((cider, bleu), abs=1e-9)
-    zh_refs = {"a": ["一只狗在草地上奔跑。", "草地上有一只棕色的狗"], "b": ["一个男人骑着摩托车。", "男子在路上骑摩托车"],
-               "c": ["桌子上放着一盘食物", "一盘食物在桌子上。"]}
+    zh_refs = {
+        "a": ["一只狗在草地上奔跑。", "草地上有一只棕色的狗"],
+        "b": ["一个男人骑着摩托车。", "男子在路上骑摩托车"],
+        "c": ["桌子上放着一盘食物", "一盘食物在桌子上。"],
+    }
     zh_preds = {"a": "一只狗在草地上", "b": "一个男人骑摩托车。", "c": "一盘水果"}
     cider, bleu = _coco_reference(zh_refs, zh_preds, text.jieba_tokenize)
     got = captioning.caption_scores(zh_refs, zh_preds, "zh")
@@ -114,26 +138,30 @@ def test_jieba_segmentation_convention():
 
 # --- VQA ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("raw, want", [
-    ("Yes.", "yes"),                          # period not before a digit is deleted, lower-cased
-    ("3.5", "3.5"),                           # a decimal point stays
-    ("red, white", "red white"),              # ',' touching a space is deleted
-    ("red,white", "red white"),               # ... otherwise replaced by a space
-    ("1,000", "1000"),                        # a digit,digit comma: punctuation deleted
-    ("t-shirt", "t shirt"),                   # '-' not touching a space -> space
-    ("left - right", "left right"),           # '-' touching a space -> deleted
-    ("(a) dog!", "dog"),                      # brackets and '!' removed, article dropped
-    ("Two dogs", "2 dogs"),                   # number words -> digits
-    ("none", "0"),
-    ("The cat and an apple", "cat and apple"),  # articles a/an/the dropped
-    ("dont know", "don't know"),              # contractions restored
-    ("youre right", "you're right"),
-    ("couldnt've", "couldn't've"),
-    ("somebody'd", "somebodyd"),              # the official table's inverted entry
-    ("im here", "im here"),                   # the I-contractions never match lower-cased text
-    ("  a\tb\nc ", "b c"),                    # whitespace; the article 'a' dropped
-    ("50/50", "50 50"),
-])
+
+@pytest.mark.parametrize(
+    "raw, want",
+    [
+        ("Yes.", "yes"),  # period not before a digit is deleted, lower-cased
+        ("3.5", "3.5"),  # a decimal point stays
+        ("red, white", "red white"),  # ',' touching a space is deleted
+        ("red,white", "red white"),  # ... otherwise replaced by a space
+        ("1,000", "1000"),  # a digit,digit comma: punctuation deleted
+        ("t-shirt", "t shirt"),  # '-' not touching a space -> space
+        ("left - right", "left right"),  # '-' touching a space -> deleted
+        ("(a) dog!", "dog"),  # brackets and '!' removed, article dropped
+        ("Two dogs", "2 dogs"),  # number words -> digits
+        ("none", "0"),
+        ("The cat and an apple", "cat and apple"),  # articles a/an/the dropped
+        ("dont know", "don't know"),  # contractions restored
+        ("youre right", "you're right"),
+        ("couldnt've", "couldn't've"),
+        ("somebody'd", "somebodyd"),  # the official table's inverted entry
+        ("im here", "im here"),  # the I-contractions never match lower-cased text
+        ("  a\tb\nc ", "b c"),  # whitespace; the article 'a' dropped
+        ("50/50", "50 50"),
+    ],
+)
 def test_vqa_normalisation(raw, want):
     assert vqa.normalize_answer(raw) == want
 
@@ -171,14 +199,17 @@ def test_exact_match_vizwiz_and_chinese():
 
 # --- retrieval ---------------------------------------------------------------------------------------------
 
+
 def test_recall_on_constructed_similarity():
     # 3 images, 6 texts (texts 2i and 2i+1 describe image i).
     text_image = [0, 0, 1, 1, 2, 2]
-    sim = np.array([
-        [0.9, 0.1, 0.8, 0.0, 0.0, 0.0],   # image 0: own text first          -> TR rank 0
-        [0.7, 0.6, 0.5, 0.4, 0.3, 0.2],   # image 1: best own text (0.5) 3rd -> TR rank 2
-        [0.0, 0.0, 0.1, 0.0, 0.35, 0.2],  # image 2: own text first          -> TR rank 0
-    ])
+    sim = np.array(
+        [
+            [0.9, 0.1, 0.8, 0.0, 0.0, 0.0],  # image 0: own text first          -> TR rank 0
+            [0.7, 0.6, 0.5, 0.4, 0.3, 0.2],  # image 1: best own text (0.5) 3rd -> TR rank 2
+            [0.0, 0.0, 0.1, 0.0, 0.35, 0.2],  # image 2: own text first          -> TR rank 0
+        ]
+    )
     got = retrieval.recall_at_k(sim, text_image, ks=(1, 2, 3))
     assert got["TR@1"] == pytest.approx(200 / 3) and got["TR@2"] == pytest.approx(200 / 3)
     assert got["TR@3"] == 100.0
@@ -214,14 +245,15 @@ def test_itm_rerank_reorders_only_the_top_k():
 
 # --- grounding ---------------------------------------------------------------------------------------------
 
+
 def test_iou_and_grounding_hits():
     assert grounding.iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
     assert grounding.iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
     assert grounding.iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
     ref = (100, 100, 300, 300)
-    assert grounding.grounding_hit("It is at [110,100,300,310].", ref)            # IoU 0.905
-    assert not grounding.grounding_hit("[200,100,400,300]", ref)                  # IoU 1/3
-    assert grounding.grounding_hit("[100,100,300,300] or [0,0,10,10]", ref)       # the first box counts
+    assert grounding.grounding_hit("It is at [110,100,300,310].", ref)  # IoU 0.905
+    assert not grounding.grounding_hit("[200,100,400,300]", ref)  # IoU 1/3
+    assert grounding.grounding_hit("[100,100,300,300] or [0,0,10,10]", ref)  # the first box counts
     assert not grounding.grounding_hit("[0,0,10,10] then [100,100,300,300]", ref)
     assert not grounding.grounding_hit("no box here", ref)
-    assert grounding.first_box("[300,0,100,50] [1,2,3,4]") == (1, 2, 3, 4)       # malformed boxes are skipped
+    assert grounding.first_box("[300,0,100,50] [1,2,3,4]") == (1, 2, 3, 4)  # malformed boxes are skipped

@@ -1,5 +1,6 @@
 """The evaluation plumbing on a tiny random model: batched generation, the synthetic benchmark and the CLI.
 A random model's scores mean nothing; these tests check shapes, keys, consistency and that everything runs."""
+
 import dataclasses
 import json
 import os
@@ -10,11 +11,11 @@ import numpy as np
 import pytest
 from test_evaluate_datasets import DATA, make_images
 
-from ziya_jax.data.tokenizers import load_tokenizers
 from ziya_jax.checkpoint import load_model, save_model
 from ziya_jax.config import ModelConfig, load_config
 from ziya_jax.data import formats, synthetic
 from ziya_jax.data.synthetic import train_demo_tokenizers
+from ziya_jax.data.tokenizers import load_tokenizers
 from ziya_jax.decode import DecodeConfig
 from ziya_jax.evaluate import captioning, grounding, inference, vqa
 from ziya_jax.evaluate.__main__ import main
@@ -28,8 +29,11 @@ HEADS = ("vision_proj", "text_proj", "itm_head", "temp")
 def _tiny(stage: int, tok, qtok) -> ModelConfig:
     base = ModelConfig.from_dict(load_config(f"configs/tiny.py:variant=chat,stage={stage}").model.to_dict())
     return dataclasses.replace(
-        base, image_token_id=tok.vocab_size, qformer=dataclasses.replace(base.qformer, vocab_size=qtok.vocab_size),
-        llm=dataclasses.replace(base.llm, vocab_size=tok.vocab_size + 1, eos_token_id=tok.eos_id))
+        base,
+        image_token_id=tok.vocab_size,
+        qformer=dataclasses.replace(base.qformer, vocab_size=qtok.vocab_size),
+        llm=dataclasses.replace(base.llm, vocab_size=tok.vocab_size + 1, eos_token_id=tok.eos_id),
+    )
 
 
 def _random_params(cfg: ModelConfig, seed: int = 0):
@@ -65,22 +69,26 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def synthetic_results(model):
     _, params, cfg, tok, qtok = model
-    return evaluate_synthetic(params, cfg, tok, qtok, image_size=cfg.vision.image_size, n=N, batch_size=BATCH,
-                              show=4)
+    return evaluate_synthetic(params, cfg, tok, qtok, image_size=cfg.vision.image_size, n=N, batch_size=BATCH, show=4)
 
 
 def _decode_lengths(tok, results) -> dict:
     """The synthetic run's decode lengths per decoder group, so later calls can reuse its compiled decoders."""
-    return {k: max_new_tokens_for(tok, [e["reference"] for r in results.values() for e in r["predictions"]
-                                        if e["task"] in tasks])
-            for k, tasks in (("caption", ("caption",)), ("short", ("vqa", "grounding")))}
+    return {
+        k: max_new_tokens_for(
+            tok, [e["reference"] for r in results.values() for e in r["predictions"] if e["task"] in tasks]
+        )
+        for k, tasks in (("caption", ("caption",)), ("short", ("vqa", "grounding")))
+    }
 
 
 def test_batched_generation_equals_one_prompt_at_a_time(model, synthetic_results):
     _, params, cfg, tok, qtok = model
     rng = np.random.default_rng(0)
-    prompts = [inference.Prompt(q, rng.standard_normal((28, 28, 3)).astype(np.float32))
-               for q in ("What is this?", "Is it red?", "请描述图片。", "Where?", "How many?")]
+    prompts = [
+        inference.Prompt(q, rng.standard_normal((28, 28, 3)).astype(np.float32))
+        for q in ("What is this?", "Is it red?", "请描述图片。", "Where?", "How many?")
+    ]
     gen = inference.Generator(params, cfg, tok, qtok, batch_size=BATCH, bucket=32)
     assert len({len(gen.inputs(p, 0)["input_ids"]) for p in prompts}) > 1  # the batch really left-pads
     dc = DecodeConfig(max_new_tokens=_decode_lengths(tok, synthetic_results)["short"])
@@ -116,8 +124,9 @@ def test_synthetic_scores_agree_with_their_predictions(synthetic_results):
         for kind in kinds:
             assert res[f"vqa_em_{kind}"] == vqa.mean(h for k, h in hits if k == kind)
         boxes = [formats.parse_boxes(e["reference"])[0] for e in by_task["grounding"]]
-        assert res["grounding_acc"] == vqa.mean(grounding.grounding_hit(e["prediction"], b)
-                                                for e, b in zip(by_task["grounding"], boxes))
+        assert res["grounding_acc"] == vqa.mean(
+            grounding.grounding_hit(e["prediction"], b) for e, b in zip(by_task["grounding"], boxes)
+        )
         refs = {str(k): [e["reference"]] for k, e in enumerate(by_task["caption"])}
         preds = {str(k): e["prediction"] for k, e in enumerate(by_task["caption"])}
         assert res["cider"] == pytest.approx(captioning.caption_scores(refs, preds, lang)["CIDEr"])
@@ -131,7 +140,7 @@ def test_synthetic_table(synthetic_results):
         line = next(line for line in table.splitlines() if line.startswith(row))
         assert len(line.split()) == len(row.split()) + 2  # a number per language
     assert "jieba" in table and "PTB" in table
-    kinds = [k[len("vqa_em_"):] for k in synthetic_results["en"] if k.startswith("vqa_em_")]
+    kinds = [k[len("vqa_em_") :] for k in synthetic_results["en"] if k.startswith("vqa_em_")]
     assert kinds and all(f"\n  {kind} questions " in table for kind in kinds)
 
 
@@ -140,8 +149,9 @@ def test_synthetic_without_stage1_heads_omits_retrieval(model):
     cfg = _tiny(2, tok, qtok)
     qformer = {k: v for k, v in params["qformer"].items() if not k.startswith("lm_")}
     stage2 = {k: v for k, v in params.items() if k not in HEADS} | {"qformer": qformer}
-    r = evaluate_synthetic(stage2, cfg, tok, qtok, image_size=28, n=2, batch_size=BATCH, langs=("zh",),
-                           tasks=("retrieval",))
+    r = evaluate_synthetic(
+        stage2, cfg, tok, qtok, image_size=28, n=2, batch_size=BATCH, langs=("zh",), tasks=("retrieval",)
+    )
     assert r == {"zh": {"n": 2}}
     r = evaluate_synthetic(params, model[2], tok, None, image_size=28, n=2, langs=("zh",), tasks=("retrieval",))
     assert r == {"zh": {"n": 2}}  # heads, but no Q-Former tokenizer to read the captions
@@ -150,8 +160,19 @@ def test_synthetic_without_stage1_heads_omits_retrieval(model):
 
 
 def _cli(root, *args):
-    return main(["--checkpoint", str(root / "ckpt"), "--tokenizer", str(root / "tok"), "--out", str(root / "out"),
-                 "--batch-size", str(BATCH), *args])
+    return main(
+        [
+            "--checkpoint",
+            str(root / "ckpt"),
+            "--tokenizer",
+            str(root / "tok"),
+            "--out",
+            str(root / "out"),
+            "--batch-size",
+            str(BATCH),
+            *args,
+        ]
+    )
 
 
 def test_cli_synthetic_matches_the_library(model, synthetic_results, capsys):

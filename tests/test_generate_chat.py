@@ -3,7 +3,9 @@ data pipeline's for the same conversation.
 
 The model is a tiny Chat model whose Q-Former has fewer positions (24) than InstructBLIP's instruction budget
 (128), with an instruction length of its own (20): no path may read past the position table. Its LLM context is
-128 tokens, so that a chat outgrows it. It is untrained, with a large LM head so that greedy answers depend on the input."""
+128 tokens, so that a chat outgrows it. It is untrained, with a large LM head so that greedy answers depend on
+the input."""
+
 import dataclasses
 import io
 import json
@@ -40,10 +42,14 @@ def setup(tmp_path_factory):
     tok, qtok = load_tokenizers(str(root / "ckpt_tok"))
     base = ModelConfig.from_dict(load_config("configs/tiny.py:variant=chat,stage=2").model.to_dict())
     cfg = dataclasses.replace(
-        base, image_token_id=tok.vocab_size, instruction_len=20,
+        base,
+        image_token_id=tok.vocab_size,
+        instruction_len=20,
         qformer=dataclasses.replace(base.qformer, vocab_size=qtok.vocab_size, max_position_embeddings=24),
-        llm=dataclasses.replace(base.llm, vocab_size=tok.vocab_size + 1, eos_token_id=tok.eos_id,
-                                max_position_embeddings=128))
+        llm=dataclasses.replace(
+            base.llm, vocab_size=tok.vocab_size + 1, eos_token_id=tok.eos_id, max_position_embeddings=128
+        ),
+    )
     params = init_params(cfg, jax.random.key(0))
     params["language_model"]["lm_head"]["kernel"] = params["language_model"]["lm_head"]["kernel"] * 50
     save_model(str(root / "ckpt"), params, cfg)
@@ -59,10 +65,11 @@ def reference_greedy(params, cfg, tok, qtok, pixels, question, steps):
     the image's queries, then `<human>:{question}\\n<bot>:`; the instruction `[CLS] question [SEP]`.
     -> (token ids, whether every logit was finite)."""
     ids = [cfg.image_token_id] * cfg.num_query_tokens + tok.encode(f"<human>:{question}\n<bot>:")
-    body = qtok.encode(question)[-(cfg.instruction_len - 2):]
+    body = qtok.encode(question)[-(cfg.instruction_len - 2) :]
     q = np.asarray([[qtok.cls_id, *body, qtok.sep_id]], np.int32)
-    forward = jax.jit(lambda p, i: ZiyaVisual(cfg).apply({"params": p}, i, jnp.ones_like(i), pixels[None, None], q,
-                                                         jnp.ones_like(q)))
+    forward = jax.jit(
+        lambda p, i: ZiyaVisual(cfg).apply({"params": p}, i, jnp.ones_like(i), pixels[None, None], q, jnp.ones_like(q))
+    )
     out, finite = [], True
     for _ in range(steps):
         logits = forward(params, jnp.asarray([ids + out], jnp.int32))
@@ -74,8 +81,15 @@ def reference_greedy(params, cfg, tok, qtok, pixels, question, steps):
 
 
 def run(module, *args, stdin=None):
-    done = subprocess.run([sys.executable, "-m", f"ziya_jax.{module}", *args], input=stdin, capture_output=True,
-                          text=True, cwd=ROOT, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    done = subprocess.run(
+        [sys.executable, "-m", f"ziya_jax.{module}", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     return done
 
 
@@ -87,18 +101,38 @@ def test_generate_chat_and_evaluation_answer_as_the_reference(setup):
     answer = tok.decode([t for t in want if t != tok.eos_id])
     assert answer.strip(), "the untrained model's answer should not be empty for this check to mean anything"
 
-    gen = run("generate", "--checkpoint", str(root / "ckpt"), "--image", str(root / "img.png"), "--prompt", QUESTION,
-              "--max-new-tokens", str(NEW_TOKENS), "--json")
+    gen = run(
+        "generate",
+        "--checkpoint",
+        str(root / "ckpt"),
+        "--image",
+        str(root / "img.png"),
+        "--prompt",
+        QUESTION,
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+        "--json",
+    )
     assert gen.returncode == 0, gen.stderr
     assert json.loads(gen.stdout.strip().splitlines()[-1])["token_ids"] == want
 
-    chat = run("chat", "--checkpoint", str(root / "ckpt"), "--greedy", "--repetition-penalty", "1",
-               "--max-new-tokens", str(NEW_TOKENS), stdin=f"/image {root / 'img.png'}\n{QUESTION}\n")
+    chat = run(
+        "chat",
+        "--checkpoint",
+        str(root / "ckpt"),
+        "--greedy",
+        "--repetition-penalty",
+        "1",
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+        stdin=f"/image {root / 'img.png'}\n{QUESTION}\n",
+    )
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.splitlines()[1:] == ["(image 1 added)", answer]
 
-    evaluated = Generator(params, cfg, tok, qtok, batch_size=2)([Prompt(QUESTION, pixels)],
-                                                                DecodeConfig(max_new_tokens=NEW_TOKENS))
+    evaluated = Generator(params, cfg, tok, qtok, batch_size=2)(
+        [Prompt(QUESTION, pixels)], DecodeConfig(max_new_tokens=NEW_TOKENS)
+    )
     assert evaluated == [answer.strip()]
 
 
@@ -106,10 +140,18 @@ def pipeline_row(turns, image_paths, cfg, tok, qtok):
     """The data pipeline's row for a LLaVA-format record of these turns (unpadded, one row)."""
     messages = [m for t in turns for m in ({"from": "human", "value": t.query}, {"from": "gpt", "value": t.answer})]
     record = {"id": "c", "images": image_paths, "annotation": {"conversations": messages}}
-    dcfg = pipeline.DataConfig(batch_size=1, text_len=cfg.llm.max_position_embeddings, max_images=len(image_paths),
-                               image_size=cfg.vision.image_size, num_query_tokens=cfg.num_query_tokens,
-                               image_token_id=cfg.image_token_id, qformer_text_len=cfg.instruction_len,
-                               shuffle=False, num_epochs=1, strict=True)
+    dcfg = pipeline.DataConfig(
+        batch_size=1,
+        text_len=cfg.llm.max_position_embeddings,
+        max_images=len(image_paths),
+        image_size=cfg.vision.image_size,
+        num_query_tokens=cfg.num_query_tokens,
+        image_token_id=cfg.image_token_id,
+        qformer_text_len=cfg.instruction_len,
+        shuffle=False,
+        num_epochs=1,
+        strict=True,
+    )
     (batch,) = list(pipeline.instruction_batches([pipeline.Source([record], "conversation")], dcfg, tok, qtok))
     return {k: v[0] for k, v in batch.items()}
 
@@ -134,7 +176,7 @@ def test_chat_turn_by_turn_gives_the_model_the_pipeline_input(setup):
         assert n == prompt_end
         np.testing.assert_array_equal(arrays["qformer_ids"], row["qformer_ids"])
         np.testing.assert_array_equal(arrays["qformer_mask"], row["qformer_mask"])
-        np.testing.assert_array_equal(np.stack(pixels), row["pixel_values"][:len(pixels)])
+        np.testing.assert_array_equal(np.stack(pixels), row["pixel_values"][: len(pixels)])
     # The second image entered at the third question: two placeholder runs, in two places.
     assert session.turns[2].query.startswith(formats.IMAGE) and not session.turns[0].query.startswith(formats.IMAGE)
 
@@ -143,8 +185,17 @@ def test_a_long_chat_drops_its_oldest_turns_and_says_so(setup):
     root, params, cfg, tok, qtok = setup
     question = "Describe every object in the picture in as much detail as you can, please. " * 2
     lines = [f"/image {root / 'img.png'}"] + [question] * 8
-    chat = run("chat", "--checkpoint", str(root / "ckpt"), "--greedy", "--max-new-tokens", "24",
-               "--min-new-tokens", "24", stdin="\n".join(lines) + "\n")
+    chat = run(
+        "chat",
+        "--checkpoint",
+        str(root / "ckpt"),
+        "--greedy",
+        "--max-new-tokens",
+        "24",
+        "--min-new-tokens",
+        "24",
+        stdin="\n".join(lines) + "\n",
+    )
     assert chat.returncode == 0, chat.stderr
     notes = [line for line in chat.stdout.splitlines() if line.startswith("(the conversation outgrew")]
     assert notes and "1 image(s)" in notes[0] and "error" not in chat.stdout
@@ -155,8 +206,15 @@ def test_a_long_chat_drops_its_oldest_turns_and_says_so(setup):
 def test_chat_refuses_a_question_that_cannot_fit_and_carries_on(setup):
     root = setup[0]
     huge = "word " * 400
-    chat = run("chat", "--checkpoint", str(root / "ckpt"), "--greedy", "--max-new-tokens", "4",
-               stdin=f"/image {root / 'img.png'}\n{huge}\nHello\n")
+    chat = run(
+        "chat",
+        "--checkpoint",
+        str(root / "ckpt"),
+        "--greedy",
+        "--max-new-tokens",
+        "4",
+        stdin=f"/image {root / 'img.png'}\n{huge}\nHello\n",
+    )
     assert chat.returncode == 0 and "Traceback" not in chat.stderr
     out = chat.stdout.splitlines()
     assert out[2].startswith("error: the question needs") and "context is" in out[2]
@@ -167,14 +225,29 @@ def test_generate_raw_ids_and_npy_pixels(setup, tmp_path):
     root, params, cfg, tok, qtok = setup
     pixels = np.random.default_rng(1).normal(size=(3, 28, 28)).astype(np.float32)  # HF layout
     np.save(tmp_path / "px.npy", pixels)
-    gen = run("generate", "--checkpoint", str(root / "ckpt"), "--image", str(tmp_path / "px.npy"),
-              "--input-ids", "5,6,7", "--qformer-input-ids", "4,9", "--max-new-tokens", "5", "--json")
+    gen = run(
+        "generate",
+        "--checkpoint",
+        str(root / "ckpt"),
+        "--image",
+        str(tmp_path / "px.npy"),
+        "--input-ids",
+        "5,6,7",
+        "--qformer-input-ids",
+        "4,9",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    )
     assert gen.returncode == 0, gen.stderr
     got = json.loads(gen.stdout.strip())["token_ids"]
     ids = [cfg.image_token_id] * cfg.num_query_tokens + [5, 6, 7]
     q = np.asarray([[4, 9]], np.int32)
-    forward = jax.jit(lambda p, i: ZiyaVisual(cfg).apply({"params": p}, i, jnp.ones_like(i),
-                                                         pixels.transpose(1, 2, 0)[None, None], q, jnp.ones_like(q)))
+    forward = jax.jit(
+        lambda p, i: ZiyaVisual(cfg).apply(
+            {"params": p}, i, jnp.ones_like(i), pixels.transpose(1, 2, 0)[None, None], q, jnp.ones_like(q)
+        )
+    )
     want = []
     for _ in range(5):
         want.append(int(jnp.argmax(forward(params, jnp.asarray([ids + want]))[0, -1])))
@@ -183,22 +256,30 @@ def test_generate_raw_ids_and_npy_pixels(setup, tmp_path):
     assert got == want
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--image", "/nonexistent.png", "--prompt", "hi"], "cannot read image"),
-    (["--prompt", "hi", "--max-new-tokens", "100000"], "context is"),
-    (["--input-ids", "1,x"], "comma-separated integers"),
-    (["--input-ids", "1,99999", "--qformer-input-ids", "1"], "token ids must be in [0, "),
-    (["--input-ids=-3,1", "--qformer-input-ids", "1"], "token ids must be in [0, "),
-    (["--input-ids", "1", "--qformer-input-ids", "1,99999"], "Q-Former ids must be in [0, "),
-    (["--image", "NAN", "--input-ids", "1", "--qformer-input-ids", "1"], "NaN or infinite"),
-    (["--prompt", b"caf\xe9".decode("utf-8", "surrogateescape")], "not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--image", "/nonexistent.png", "--prompt", "hi"], "cannot read image"),
+        (["--prompt", "hi", "--max-new-tokens", "100000"], "context is"),
+        (["--input-ids", "1,x"], "comma-separated integers"),
+        (["--input-ids", "1,99999", "--qformer-input-ids", "1"], "token ids must be in [0, "),
+        (["--input-ids=-3,1", "--qformer-input-ids", "1"], "token ids must be in [0, "),
+        (["--input-ids", "1", "--qformer-input-ids", "1,99999"], "Q-Former ids must be in [0, "),
+        (["--image", "NAN", "--input-ids", "1", "--qformer-input-ids", "1"], "NaN or infinite"),
+        (["--prompt", b"caf\xe9".decode("utf-8", "surrogateescape")], "not valid UTF-8"),
+    ],
+)
 def test_generate_bad_input_is_one_line(setup, tmp_path, extra, message):
     root = setup[0]
     np.save(tmp_path / "nan.npy", np.full((28, 28, 3), np.nan, np.float32))
     extra = [str(tmp_path / "nan.npy") if a == "NAN" else a for a in extra]
-    done = subprocess.run([sys.executable, "-m", "ziya_jax.generate", "--checkpoint", str(root / "ckpt"), *extra],
-                          capture_output=True, cwd=ROOT, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    done = subprocess.run(
+        [sys.executable, "-m", "ziya_jax.generate", "--checkpoint", str(root / "ckpt"), *extra],
+        capture_output=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     err = done.stderr.decode("utf-8", "replace")
     assert done.returncode == 2 and message in err and "Traceback" not in err, err
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
@@ -207,9 +288,23 @@ def test_generate_bad_input_is_one_line(setup, tmp_path, extra, message):
 def test_chat_says_invalid_utf8_and_keeps_the_conversation(setup):
     root = setup[0]
     stdin = f"/image {root / 'img.png'}\n".encode() + b"caf\xe9?\n" + b"Hello\n"
-    done = subprocess.run([sys.executable, "-m", "ziya_jax.chat", "--checkpoint", str(root / "ckpt"), "--greedy",
-                           "--max-new-tokens", "3"], input=stdin, capture_output=True, cwd=ROOT, timeout=300,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ziya_jax.chat",
+            "--checkpoint",
+            str(root / "ckpt"),
+            "--greedy",
+            "--max-new-tokens",
+            "3",
+        ],
+        input=stdin,
+        capture_output=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     out = done.stdout.decode().splitlines()
     assert done.returncode == 0 and out[1] == "(image 1 added)"
     assert out[2].startswith("error: that line is not valid UTF-8") and out[3] and not out[3].startswith("error")

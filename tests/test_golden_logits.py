@@ -1,11 +1,12 @@
 """ziya_jax logits vs transformers on the same (converted) weights."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from hf_models import make_hf_model, make_inputs, to_jax_pixels
+
 from ziya_jax.convert import load_hf
 from ziya_jax.model import ZiyaVisual
 
@@ -20,16 +21,25 @@ CASES = {
 def hf_logits(model, kind, ids, mask, pixels, qids, qmask, images_per_row=1):
     kwargs = {}
     if kind == "instructblip":  # HF wants one instruction per image
-        kwargs = dict(qformer_input_ids=qids.repeat_interleave(images_per_row, 0),
-                      qformer_attention_mask=qmask.repeat_interleave(images_per_row, 0))
+        kwargs = dict(
+            qformer_input_ids=qids.repeat_interleave(images_per_row, 0),
+            qformer_attention_mask=qmask.repeat_interleave(images_per_row, 0),
+        )
     with torch.no_grad():
         return model(pixel_values=pixels, input_ids=ids, attention_mask=mask, **kwargs).logits.numpy()
 
 
 def ours(params, cfg, ids, mask, pixels, qids, qmask):
-    return np.asarray(jax.jit(ZiyaVisual(cfg).apply)(
-        {"params": params}, jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy()),
-        jnp.asarray(to_jax_pixels(pixels, ids.shape[0])), jnp.asarray(qids.numpy()), jnp.asarray(qmask.numpy())))
+    return np.asarray(
+        jax.jit(ZiyaVisual(cfg).apply)(
+            {"params": params},
+            jnp.asarray(ids.numpy()),
+            jnp.asarray(mask.numpy()),
+            jnp.asarray(to_jax_pixels(pixels, ids.shape[0])),
+            jnp.asarray(qids.numpy()),
+            jnp.asarray(qmask.numpy()),
+        )
+    )
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

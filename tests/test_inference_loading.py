@@ -1,5 +1,6 @@
 """Loading a model for inference as a user asks for it: sharded over 8 forced CPU devices (--mesh), and in bf16
 (--dtype) without a float32 copy of the model on the host."""
+
 import json
 import os
 import subprocess
@@ -31,12 +32,29 @@ def tiny_checkpoint(tmp_path_factory):
 def test_generate_on_a_mesh_gives_the_one_device_tokens(tiny_checkpoint, tmp_path, mesh):
     path, cfg = tiny_checkpoint
     np.save(tmp_path / "px.npy", np.random.default_rng(0).normal(size=(28, 28, 3)).astype(np.float32))
-    args = ["--checkpoint", str(path), "--image", str(tmp_path / "px.npy"), "--input-ids", "5,6,7",
-            "--qformer-input-ids", "1,4,9,2", "--max-new-tokens", "8", "--json"]
+    args = [
+        "--checkpoint",
+        str(path),
+        "--image",
+        str(tmp_path / "px.npy"),
+        "--input-ids",
+        "5,6,7",
+        "--qformer-input-ids",
+        "1,4,9,2",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ]
 
     def tokens(*extra):
-        done = subprocess.run([sys.executable, "-m", "ziya_jax.generate", *args, *extra], capture_output=True,
-                              text=True, cwd=ROOT, timeout=300, env=EIGHT_DEVICES)
+        done = subprocess.run(
+            [sys.executable, "-m", "ziya_jax.generate", *args, *extra],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=300,
+            env=EIGHT_DEVICES,
+        )
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout.strip().splitlines()[-1])["token_ids"]
 
@@ -47,9 +65,26 @@ def test_generate_on_a_mesh_gives_the_one_device_tokens(tiny_checkpoint, tmp_pat
 
 def test_a_bad_mesh_is_one_line(tiny_checkpoint):
     path, _ = tiny_checkpoint
-    done = subprocess.run([sys.executable, "-m", "ziya_jax.generate", "--checkpoint", str(path), "--input-ids", "5",
-                           "--qformer-input-ids", "1", "--mesh", "3,-1,1"], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300, env=EIGHT_DEVICES)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ziya_jax.generate",
+            "--checkpoint",
+            str(path),
+            "--input-ids",
+            "5",
+            "--qformer-input-ids",
+            "1",
+            "--mesh",
+            "3,-1,1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env=EIGHT_DEVICES,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1
 
@@ -70,7 +105,8 @@ load_model_config(sys.argv[1])
 before = peak()
 params, _ = load_model(sys.argv[1], dtype="bfloat16")
 leaves = jax.tree_util.tree_leaves(params)
-print(json.dumps({"before": before, "peak": peak(), "after": current(), "dtypes": sorted({str(x.dtype) for x in leaves}),
+dtypes = sorted({str(x.dtype) for x in leaves})
+print(json.dumps({"before": before, "peak": peak(), "after": current(), "dtypes": dtypes,
                   "bf16_bytes": sum(x.nbytes for x in leaves), "f32_bytes": sum(x.size * 4 for x in leaves),
                   "largest_f32": max(x.size * 4 for x in leaves)}))
 """
@@ -79,14 +115,25 @@ print(json.dumps({"before": before, "peak": peak(), "after": current(), "dtypes"
 def test_bfloat16_loading_holds_one_float32_tensor_at_a_time(tmp_path):
     """A model of ~450 MiB in float32 (more than the rest of the process) in many ~64 MiB tensors: loaded as bf16,
     the peak above what stays loaded is at most two float32 tensors, never the model's float32 copy."""
-    cfg = ModelConfig.from_dict(dict(
-        variant="base", vision=dict(image_size=28, patch_size=14, width=32, depth=1, num_heads=2, mlp_dim=64),
-        qformer=dict(width=32, depth=2, num_heads=2, mlp_dim=64, cross_attention_frequency=1),
-        llm=dict(vocab_size=4000, width=1024, depth=16, num_heads=8, num_kv_heads=8, head_dim=128, mlp_dim=1024),
-        num_query_tokens=4, image_token_id=3999))
+    cfg = ModelConfig.from_dict(
+        dict(
+            variant="base",
+            vision=dict(image_size=28, patch_size=14, width=32, depth=1, num_heads=2, mlp_dim=64),
+            qformer=dict(width=32, depth=2, num_heads=2, mlp_dim=64, cross_attention_frequency=1),
+            llm=dict(vocab_size=4000, width=1024, depth=16, num_heads=8, num_kv_heads=8, head_dim=128, mlp_dim=1024),
+            num_query_tokens=4,
+            image_token_id=3999,
+        )
+    )
     save_model(str(tmp_path / "big"), init_params(cfg, jax.random.key(0)), cfg)
-    done = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / "big")], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(tmp_path / "big")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert done.returncode == 0, done.stderr
     m = json.loads(done.stdout.strip().splitlines()[-1])
     mib = {k: round(v / 2**20) for k, v in m.items() if isinstance(v, int)}

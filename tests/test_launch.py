@@ -1,5 +1,6 @@
 """The pod and cluster launchers: the commands a dry run prints, settings from a file overridden by flags,
 clear errors, and (with stand-in gcloud / sbatch programs on PATH) what a real run executes."""
+
 import os
 import shlex
 import stat
@@ -10,8 +11,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def launch(script, *args, env=None):
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=60)
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch", script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
     return done.returncode, done.stdout.splitlines(), done.stderr
 
 
@@ -21,10 +28,23 @@ def commands(lines):
 
 def test_tpu_dry_run_runs_the_whole_job_with_names_from_settings_and_flags(tmp_path):
     ini = tmp_path / "pod.ini"
-    ini.write_text("[tpu]\nproject = proj-from-file\nzone = zone-from-file\nname = pod-q\naccelerator = v5e-64\n"
-                   "bucket = gs://bucket-x\n")
-    rc, out, err = launch("tpu.py", "all", "--settings", str(ini), "--zone", "zone-from-flag", "--config",
-                          "configs/ziya_chat_14b.py:stage=3", "--dry-run", "--", "--config.train.seed=7")
+    ini.write_text(
+        "[tpu]\nproject = proj-from-file\nzone = zone-from-file\nname = pod-q\naccelerator = v5e-64\n"
+        "bucket = gs://bucket-x\n"
+    )
+    rc, out, err = launch(
+        "tpu.py",
+        "all",
+        "--settings",
+        str(ini),
+        "--zone",
+        "zone-from-flag",
+        "--config",
+        "configs/ziya_chat_14b.py:stage=3",
+        "--dry-run",
+        "--",
+        "--config.train.seed=7",
+    )
     assert rc == 0, err
     cmds = commands(out)
     gcloud = [c for c in cmds if c[0] == "gcloud"]
@@ -41,8 +61,10 @@ def test_tpu_dry_run_runs_the_whole_job_with_names_from_settings_and_flags(tmp_p
     assert "pip install" in install[7] and "'.[tpu]'" in install[7]
     assert "gcsfuse --implicit-dirs bucket-x /gcs/bucket-x" in install[7]
     assert "--worker=all" in train
-    assert "ZIYA_DISTRIBUTED=1 nohup python3 -m ziya_jax.train --config configs/ziya_chat_14b.py:stage=3 " \
-           "--workdir /gcs/bucket-x/runs/pod-q --config.train.seed=7" in train[7]
+    assert (
+        "ZIYA_DISTRIBUTED=1 nohup python3 -m ziya_jax.train --config configs/ziya_chat_14b.py:stage=3 "
+        "--workdir /gcs/bucket-x/runs/pod-q --config.train.seed=7" in train[7]
+    )
     assert "--worker=0" in logs and "tail" in logs[7]
     assert gcloud[-1][3:6] == ["tpu-vm", "delete", "pod-q"]
     order = [c[4] for c in gcloud]
@@ -50,9 +72,26 @@ def test_tpu_dry_run_runs_the_whole_job_with_names_from_settings_and_flags(tmp_p
 
 
 def test_tpu_multislice_uses_a_queued_resource_and_starts_every_slice():
-    rc, out, err = launch("tpu.py", "all", "--project", "p1", "--zone", "z1", "--name", "ms", "--accelerator",
-                          "v4-32", "--num-slices", "2", "--workdir", "/tmp/w", "--config", "c.py", "--dry-run",
-                          "--keep")
+    rc, out, err = launch(
+        "tpu.py",
+        "all",
+        "--project",
+        "p1",
+        "--zone",
+        "z1",
+        "--name",
+        "ms",
+        "--accelerator",
+        "v4-32",
+        "--num-slices",
+        "2",
+        "--workdir",
+        "/tmp/w",
+        "--config",
+        "c.py",
+        "--dry-run",
+        "--keep",
+    )
     assert rc == 0, err
     cmds = commands(out)
     create = next(c for c in cmds if c[3:5] == ["queued-resources", "create"])
@@ -65,11 +104,13 @@ def test_tpu_multislice_uses_a_queued_resource_and_starts_every_slice():
 def test_tpu_missing_settings_and_bad_topology_are_clear_errors():
     rc, out, err = launch("tpu.py", "up", "--zone", "z", "--name", "n", "--accelerator", "v5e-64", "--dry-run")
     assert rc == 2 and "missing settings: --project" in err and "Traceback" not in err and not out
-    rc, _, err = launch("tpu.py", "up", "--project", "p", "--zone", "z", "--name", "n", "--accelerator", "v9x-8",
-                        "--dry-run")
+    rc, _, err = launch(
+        "tpu.py", "up", "--project", "p", "--zone", "z", "--name", "n", "--accelerator", "v9x-8", "--dry-run"
+    )
     assert rc == 2 and "unknown topology" in err and "Traceback" not in err
-    rc, _, err = launch("tpu.py", "run", "--project", "p", "--zone", "z", "--name", "n", "--accelerator", "v5e-8",
-                        "--dry-run")
+    rc, _, err = launch(
+        "tpu.py", "run", "--project", "p", "--zone", "z", "--name", "n", "--accelerator", "v5e-8", "--dry-run"
+    )
     assert rc == 2 and "--config" in err
 
 
@@ -95,18 +136,40 @@ def test_tpu_up_reuses_an_existing_slice_and_down_deletes_it(tmp_path):
 
 def test_slurm_dry_run_script_and_submission(tmp_path):
     ini = tmp_path / "cluster.ini"
-    ini.write_text("[slurm]\npartition = part-a\naccount = acct-b\ngpus_per_node = 8\n"
-                   "setup = source /opt/venv/bin/activate\n")
-    rc, out, err = launch("slurm.py", "submit", "--settings", str(ini), "--nodes", "4", "--config", "c.py:stage=3",
-                          "--workdir", "/shared/run", "--log-dir", str(tmp_path / "logs"), "--dry-run", "--", "--x=1")
+    ini.write_text(
+        "[slurm]\npartition = part-a\naccount = acct-b\ngpus_per_node = 8\nsetup = source /opt/venv/bin/activate\n"
+    )
+    rc, out, err = launch(
+        "slurm.py",
+        "submit",
+        "--settings",
+        str(ini),
+        "--nodes",
+        "4",
+        "--config",
+        "c.py:stage=3",
+        "--workdir",
+        "/shared/run",
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--dry-run",
+        "--",
+        "--x=1",
+    )
     assert rc == 0, err
     text = "\n".join(out)
-    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=part-a", "#SBATCH --account=acct-b", f"#SBATCH --chdir={ROOT}",
-                 "source /opt/venv/bin/activate", "export ZIYA_DISTRIBUTED=1",
-                 "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7",
-                 "srun --kill-on-bad-exit=1 python -m ziya_jax.train --config c.py:stage=3 --workdir /shared/run "
-                 "--x=1"):
+    for line in (
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=part-a",
+        "#SBATCH --account=acct-b",
+        f"#SBATCH --chdir={ROOT}",
+        "source /opt/venv/bin/activate",
+        "export ZIYA_DISTRIBUTED=1",
+        "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7",
+        "srun --kill-on-bad-exit=1 python -m ziya_jax.train --config c.py:stage=3 --workdir /shared/run --x=1",
+    ):
         assert line in out, (line, text)
     assert f"sbatch --parsable {tmp_path / 'logs' / 'ziya-train.sbatch'}" in out
     assert not (tmp_path / "logs").exists()  # a dry run writes nothing
@@ -115,8 +178,22 @@ def test_slurm_dry_run_script_and_submission(tmp_path):
 def test_slurm_submit_writes_the_script_and_reports_the_job(tmp_path):
     fake(tmp_path, "sbatch", "echo '4242;cluster'")
     env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    rc, out, err = launch("slurm.py", "submit", "--nodes", "2", "--gpus-per-node", "4", "--config", "c.py",
-                          "--workdir", "/w", "--log-dir", str(tmp_path / "logs"), "--detach", env=env)
+    rc, out, err = launch(
+        "slurm.py",
+        "submit",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+        "--config",
+        "c.py",
+        "--workdir",
+        "/w",
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--detach",
+        env=env,
+    )
     assert rc == 0, err
     script = tmp_path / "logs" / "ziya-train.sbatch"
     assert "#SBATCH --nodes=2" in script.read_text()

@@ -1,12 +1,12 @@
 """Each loss against a straightforward numpy reference on small inputs."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ziya_jax.config import ModelConfig, load_config
 from ziya_jax.model import init_params
-from ziya_jax.train.losses import (cross_entropy, hard_negatives, itc_loss, itc_similarities, lm_loss,
-                                   stage1_losses)
+from ziya_jax.train.losses import cross_entropy, hard_negatives, itc_loss, itc_similarities, lm_loss, stage1_losses
 
 
 def np_log_softmax(x):
@@ -28,8 +28,9 @@ def test_cross_entropy_with_smoothing_and_mask():
     labels = rng.integers(0, 9, 6)
     mask = np.array([1, 0, 1, 1, 0, 1])
     ref = (np_ce(logits, labels, 0.1) * mask).sum() / mask.sum()
-    np.testing.assert_allclose(cross_entropy(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask), 0.1),
-                               ref, rtol=1e-5)
+    np.testing.assert_allclose(
+        cross_entropy(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask), 0.1), ref, rtol=1e-5
+    )
 
 
 def test_lm_loss_counts_only_masked_next_tokens():
@@ -37,9 +38,12 @@ def test_lm_loss_counts_only_masked_next_tokens():
     logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
     ids = rng.integers(0, 7, (2, 5))
     loss_mask = np.array([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]])
-    terms = [np_ce(logits[b, t - 1:t], ids[b, t:t + 1])[0] for b in range(2) for t in range(1, 5) if loss_mask[b, t]]
-    np.testing.assert_allclose(lm_loss(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(loss_mask)),
-                               np.mean(terms), rtol=1e-5)
+    terms = [
+        np_ce(logits[b, t - 1 : t], ids[b, t : t + 1])[0] for b in range(2) for t in range(1, 5) if loss_mask[b, t]
+    ]
+    np.testing.assert_allclose(
+        lm_loss(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(loss_mask)), np.mean(terms), rtol=1e-5
+    )
 
 
 def test_itc_matches_numpy():
@@ -68,9 +72,12 @@ def test_stage1_losses_are_finite_and_reach_the_qformer():
     cfg = ModelConfig.from_dict(load_config("configs/tiny.py:stage=1").model.to_dict())
     params = init_params(cfg, jax.random.key(0))
     rng = np.random.default_rng(3)
-    batch = {"pixel_values": jnp.asarray(rng.normal(size=(4, 28, 28, 3)), jnp.float32),
-             "text_ids": jnp.asarray(rng.integers(3, 90, (4, 6)), jnp.int32),
-             "text_mask": jnp.asarray([[1] * 6, [1] * 4 + [0] * 2, [1] * 6, [1] * 3 + [0] * 3])}
+    batch = {
+        "pixel_values": jnp.asarray(rng.normal(size=(4, 28, 28, 3)), jnp.float32),
+        "text_ids": jnp.asarray(rng.integers(3, 90, (4, 6)), jnp.int32),
+        "text_mask": jnp.asarray([[1] * 6, [1] * 4 + [0] * 2, [1] * 6, [1] * 3 + [0] * 3]),
+    }
+
     def loss_fn(p):
         losses = stage1_losses(p, cfg, batch, jax.random.key(1), dec_token_id=1)
         return sum(losses.values()), losses

@@ -1,5 +1,6 @@
 """Properties of the modules: bf16 vs f32, KV cache, LoRA, remat and unrolled scans, Q-Former attention modes,
 positions."""
+
 import dataclasses
 
 import flax.linen as nn
@@ -25,7 +26,7 @@ def tiny(arg="variant=chat,stage=3", **changes):
 def inputs(cfg, batch=2, text=6, seed=0):
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, 120, (batch, cfg.num_query_tokens + text)).astype(np.int32)
-    ids[:, :cfg.num_query_tokens] = cfg.image_token_id
+    ids[:, : cfg.num_query_tokens] = cfg.image_token_id
     mask = np.ones_like(ids)
     mask[-1, -2:] = 0
     pixels = rng.normal(size=(batch, 1, 28, 28, 3)).astype(np.float32)
@@ -38,8 +39,9 @@ def perturbed_params(cfg, seed=0):
     Drawn with numpy from the abstract shapes: no init to compile."""
     rng = np.random.default_rng(seed)
     abstract = nn.meta.unbox(abstract_params(cfg))
-    draw = lambda path, a: jnp.asarray(rng.normal(0.0, 0.2, a.shape).astype(a.dtype)
-                                       + ("scale" in jax.tree_util.keystr(path)))
+    draw = lambda path, a: jnp.asarray(
+        rng.normal(0.0, 0.2, a.shape).astype(a.dtype) + ("scale" in jax.tree_util.keystr(path))
+    )
     return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
@@ -85,7 +87,9 @@ def test_kv_cache_decode_equals_full_forward(unrolled):
     cfg = tiny()
     params = perturbed_params(cfg)
     model = ZiyaVisual(cfg)
-    decoder, decoder_params = (ZiyaVisual(cfg, unrolled_llm=True), decode_params(params)) if unrolled else (model, params)
+    decoder, decoder_params = (
+        (ZiyaVisual(cfg, unrolled_llm=True), decode_params(params)) if unrolled else (model, params)
+    )
     ids, _, pixels, qids, qmask = inputs(cfg, text=8)
     # Left-pad row 0 by two tokens: positions count valid tokens only, so its logits must not change.
     ids = ids.at[0].set(jnp.concatenate([jnp.zeros(2, ids.dtype), ids[0, :-2]]))
@@ -105,7 +109,7 @@ def test_kv_cache_decode_equals_full_forward(unrolled):
     out, cache = step(decoder_params, ids[:, :prompt], mask, pixels, qids, qmask, cache, 0, feats)
     pieces = [out]
     for t in range(prompt, total):
-        out, cache = step(decoder_params, ids[:, t:t + 1], mask, pixels, qids, qmask, cache, t, feats)
+        out, cache = step(decoder_params, ids[:, t : t + 1], mask, pixels, qids, qmask, cache, t, feats)
         pieces.append(out)
     cached = jnp.concatenate(pieces, axis=1)
     np.testing.assert_allclose(np.asarray(cached)[:, 2:], np.asarray(full)[:, 2:], atol=1e-5)
@@ -121,10 +125,12 @@ def test_lora_targets_zero_init_and_merge():
     params = init_params(cfg, jax.random.key(0))
     adapters = lora_adapters(params)
     paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(adapters)}
-    assert paths == {f"['{top}']['layers']['self_attn']['{m}']['{ab}']"
-                     for top, mods in (("vision_model", ("qkv", "projection")),
-                                       ("language_model", ("q_proj", "v_proj")))
-                     for m in mods for ab in ("lora_a", "lora_b")}
+    assert paths == {
+        f"['{top}']['layers']['self_attn']['{m}']['{ab}']"
+        for top, mods in (("vision_model", ("qkv", "projection")), ("language_model", ("q_proj", "v_proj")))
+        for m in mods
+        for ab in ("lora_a", "lora_b")
+    }
     assert not np.any(np.asarray(params["language_model"]["layers"]["self_attn"]["q_proj"]["lora_b"]))
 
     args = inputs(cfg)
@@ -148,8 +154,9 @@ def test_remat_or_unrolled_scans_give_same_loss_and_grads(change):
     def loss(c):
         return lambda p: ZiyaVisual(c).apply({"params": p}, *args).std()
 
-    ref_step, step = (jax.jit(jax.value_and_grad(loss(c))).lower(params).compile()
-                      for c in (cfg, dataclasses.replace(cfg, **change)))
+    ref_step, step = (
+        jax.jit(jax.value_and_grad(loss(c))).lower(params).compile() for c in (cfg, dataclasses.replace(cfg, **change))
+    )
     loops = lambda compiled: compiled.as_text().count(" while(")
     assert loops(ref_step) > 0
     if "scan_unroll" in change:
@@ -175,7 +182,7 @@ def test_qformer_attention_modes():
         if mode == "bidirectional":  # everything sees the changed token
             assert (diff > 1e-6).all()
         else:  # queries and earlier text do not; the token itself and later text do
-            assert (diff[:4 + 3] == 0).all() and (diff[4 + 3:] > 1e-6).all()
+            assert (diff[: 4 + 3] == 0).all() and (diff[4 + 3 :] > 1e-6).all()
     # Text alone (ITC's text side) needs neither queries nor an image.
     assert qf.apply(variables, None, text, None, None).shape == (1, 5, 32)
     with pytest.raises(ValueError, match="attention mode"):
@@ -199,15 +206,21 @@ def test_lora_target_that_matches_nothing_is_an_error():
 def test_initializer_ranges_set_each_towers_init_std():
     base = tiny()
     cfg = dataclasses.replace(
-        base, vision=dataclasses.replace(base.vision, position_initializer_range=1.0),
+        base,
+        vision=dataclasses.replace(base.vision, position_initializer_range=1.0),
         qformer=dataclasses.replace(base.qformer, initializer_range=0.1),
-        llm=dataclasses.replace(base.llm, initializer_range=0.05))
+        llm=dataclasses.replace(base.llm, initializer_range=0.05),
+    )
     before, after = init_params(base, jax.random.key(0)), init_params(cfg, jax.random.key(0))
     pos = ("vision_model", "embeddings", "position_embedding")
     get = lambda p, path: p[path[0]] if len(path) == 1 else get(p[path[0]], path[1:])
-    for path, std in ((pos, 1.0), (("vision_model", "embeddings", "patch_embedding", "kernel"), 0.02),
-                      (("query_tokens",), 0.1), (("language_projection", "kernel"), 0.05),
-                      (("language_model", "embed_tokens", "embedding"), 0.05)):
+    for path, std in (
+        (pos, 1.0),
+        (("vision_model", "embeddings", "patch_embedding", "kernel"), 0.02),
+        (("query_tokens",), 0.1),
+        (("language_projection", "kernel"), 0.05),
+        (("language_model", "embed_tokens", "embedding"), 0.05),
+    ):
         np.testing.assert_allclose(get(after, path), get(before, path) * std / 0.02, rtol=1e-6, err_msg=str(path))
     lora_a = ("language_model", "layers", "self_attn", "q_proj", "lora_a")  # normal(1/r), not a tower weight
     np.testing.assert_array_equal(get(after, lora_a), get(before, lora_a))

@@ -4,6 +4,7 @@ restores, bit for bit, into a different mesh.
 
 The worker half of this file runs as `python tests/test_multihost.py PROCESS_ID PORT WORKDIR` (never under
 pytest); the one-process reference runs in the test itself (conftest forces 8 devices)."""
+
 import json
 import os
 import socket
@@ -41,9 +42,11 @@ def train(workdir=None):
 
     def batch(i):
         rng = np.random.default_rng(i)
-        rows = {"pixel_values": rng.normal(size=(GLOBAL_BATCH, 28, 28, 3)).astype(np.float32),
-                "text_ids": rng.integers(3, 90, (GLOBAL_BATCH, 6)).astype(np.int32),
-                "text_mask": np.ones((GLOBAL_BATCH, 6), np.int32)}
+        rows = {
+            "pixel_values": rng.normal(size=(GLOBAL_BATCH, 28, 28, 3)).astype(np.float32),
+            "text_ids": rng.integers(3, 90, (GLOBAL_BATCH, 6)).astype(np.int32),
+            "text_mask": np.ones((GLOBAL_BATCH, 6), np.int32),
+        }
         share = GLOBAL_BATCH // jax.process_count()  # this process's rows only
         mine = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
         return global_batch({k: v[mine] for k, v in rows.items()}, mesh)
@@ -67,22 +70,26 @@ def train(workdir=None):
     other = make_mesh((1, -1, 1))  # pure fsdp: every process reads different shards than it wrote
     target = abstract_train_state(cfg, stage, tx, other)
     restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, "ckpt"), target)
-    assert all(a.sharding == b.sharding for a, b in zip(jax.tree_util.tree_leaves(restored),
-                                                        jax.tree_util.tree_leaves(target)))
+    assert all(
+        a.sharding == b.sharding for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(target))
+    )
     return losses, bool(np.array_equal(values(state, mesh), values(restored, other)))
 
 
 def worker(process_id: int, port: int, workdir: str) -> None:
     # Less LLVM optimisation: the same arithmetic (no fast-math either way), compiled about twice as fast.
-    os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
-                               "--xla_llvm_disable_expensive_passes=true")
+    os.environ["XLA_FLAGS"] = (
+        "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
+        "--xla_llvm_disable_expensive_passes=true"
+    )
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
     from ziya_jax.sharding import initialize_distributed
 
-    assert initialize_distributed(coordinator_address=f"localhost:{port}", num_processes=2, process_id=process_id,
-                                  initialization_timeout=60)
+    assert initialize_distributed(
+        coordinator_address=f"localhost:{port}", num_processes=2, process_id=process_id, initialization_timeout=60
+    )
     assert jax.process_count() == 2 and jax.local_device_count() == 4
     losses, restored_equal = train(workdir)
     if process_id == 0:
@@ -99,9 +106,16 @@ def _free_port() -> int:
 
 def test_two_processes_train_like_one_with_eight_devices(tmp_path):
     port, root = _free_port(), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(i), str(port), str(tmp_path)],
-                              cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), str(i), str(port), str(tmp_path)],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         one, _ = train()  # the reference, meanwhile: one process, 8 devices
         outputs = [p.communicate(timeout=300)[0] for p in procs]

@@ -1,4 +1,5 @@
 """Full-size configs count the reference model's parameters (jax.eval_shape: nothing is allocated)."""
+
 import pytest
 
 from ziya_jax.config import ModelConfig, load_config

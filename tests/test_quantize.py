@@ -1,6 +1,7 @@
 """int8 weight-only quantisation (ziya_jax.quantize) on the tiny Chat stage-3 model (LoRA on the ViT and the LLM):
 the stored weights, the product, logits and greedy decoding against float32, the summary's weight bytes and the
 decode step compiled for a TPU topology."""
+
 import json
 import os
 import re
@@ -32,7 +33,8 @@ def model():
     cfg = ModelConfig.from_dict(load_config(CONFIG).model.to_dict())
     params = init_params(cfg, jax.random.key(0))
     params = jax.tree_util.tree_map_with_path(
-        lambda path, x: x + 0.05 if "lora_b" in jax.tree_util.keystr(path) else x, params)
+        lambda path, x: x + 0.05 if "lora_b" in jax.tree_util.keystr(path) else x, params
+    )
     params["language_model"]["lm_head"]["kernel"] = params["language_model"]["lm_head"]["kernel"] * 50
     qparams, qcfg = quantize(params, cfg, "int8")
     return params, cfg, qparams, qcfg
@@ -40,7 +42,7 @@ def model():
 
 def inputs(cfg, batch=2):
     ids, pixels, qids = dummy_inputs(cfg, batch=batch, text_len=6)
-    ids = ids.at[:, cfg.num_query_tokens:].set(jnp.arange(3, 9))
+    ids = ids.at[:, cfg.num_query_tokens :].set(jnp.arange(3, 9))
     return ids, jax.random.normal(jax.random.key(1), pixels.shape), qids
 
 
@@ -93,8 +95,9 @@ def test_greedy_decoding_on_int8_weights(model):
     float32."""
     params, cfg, qparams, qcfg = model
     ids, pixels, qids = inputs(cfg)
-    run = lambda p, c: generate(p, c, ids, pixel_values=pixels, qformer_ids=qids,
-                                dc=DecodeConfig(max_new_tokens=6, eos_token_id=-1))[0]
+    run = lambda p, c: generate(
+        p, c, ids, pixel_values=pixels, qformer_ids=qids, dc=DecodeConfig(max_new_tokens=6, eos_token_id=-1)
+    )[0]
     want = run(params, cfg)
     assert len({tuple(want[0]), tuple(want[1])}) == 1 and len(set(want[0])) > 1  # non-trivial answers
     for p in (qparams, decode_params(qparams), quantize(decode_params(params), cfg, "int8")[0]):
@@ -117,8 +120,14 @@ def test_scale_shardings_follow_their_kernels(model):
 
 
 def run_module(*args):
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
 
 
 def test_summary_prints_int8_weight_bytes_below_bfloat16():
@@ -131,8 +140,9 @@ def test_summary_prints_int8_weight_bytes_below_bfloat16():
 
 
 def test_compiled_decode_step_reads_int8_weights_on_a_tpu_topology():
-    done = run_module("ziya_jax.compile", "--config", CONFIG, "--topology", "v5e-4", "--programs", "decode",
-                      "--quantize", "int8")
+    done = run_module(
+        "ziya_jax.compile", "--config", CONFIG, "--topology", "v5e-4", "--programs", "decode", "--quantize", "int8"
+    )
     assert done.returncode == 0, done.stderr
     results = {r["program"]: r for r in json.loads(done.stdout.strip().splitlines()[-1])}
     assert set(results) == {"decode_step_bf16", "decode_step_int8"}

@@ -1,10 +1,12 @@
 """Parameters sharded over a (data=2, fsdp=2, tensor=2) mesh of 8 forced CPU devices, same forward."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ziya_jax.config import ModelConfig, load_config
 from ziya_jax.model import ZiyaVisual, init_params
@@ -40,7 +42,8 @@ def test_sharded_forward_matches_single_device():
 
     # Non-zero LoRA B so the adapters take part in the comparison.
     params = jax.tree_util.tree_map_with_path(
-        lambda path, x: x + 0.05 if "lora_b" in jax.tree_util.keystr(path) else x, params)
+        lambda path, x: x + 0.05 if "lora_b" in jax.tree_util.keystr(path) else x, params
+    )
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 120, (4, 12)).astype(np.int32)
     ids[:, :4] = cfg.image_token_id

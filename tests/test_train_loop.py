@@ -2,6 +2,7 @@
 exactly the losses of an uninterrupted run with no step lost or repeated; a corrupt latest checkpoint falls back
 to the previous one; a non-finite loss stops the run and leaves the last good checkpoint; a pipeline of stages
 hands each stage the previous one's model; bad config overrides are clear errors."""
+
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
 
 # The demo's stages (data, losses, trainable sets), with a model small enough to compile in seconds.
-TEST_CONFIG = f'''
+TEST_CONFIG = f"""
 from ziya_jax.config import load_config, parse_arg
 
 
@@ -45,7 +46,7 @@ def get_config(arg=None):
         stage.checkpoint.save_every = args["save_every"]
         stage.eval.tasks = ()
     return config
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +57,16 @@ def config_file(tmp_path_factory):
 
 
 def train_command(config_file, workdir, arg="stage=2", *overrides):
-    return [sys.executable, "-m", "ziya_jax.train", "--config", f"{config_file}:{arg}", "--workdir", str(workdir),
-            *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "ziya_jax.train",
+        "--config",
+        f"{config_file}:{arg}",
+        "--workdir",
+        str(workdir),
+        *overrides,
+    ]
 
 
 def environment():
@@ -68,8 +77,14 @@ def environment():
 
 
 def train(config_file, workdir, *args, check=True):
-    result = subprocess.run(train_command(config_file, workdir, *args), env=environment(), capture_output=True,
-                            text=True, timeout=600, cwd=ROOT)
+    result = subprocess.run(
+        train_command(config_file, workdir, *args),
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"train failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
@@ -96,8 +111,14 @@ def saved_steps(workdir):
 
 def interrupt(config_file, workdir, sig, after_step):
     """Start a run, wait until the checkpoint of `after_step` is final, then send `sig`."""
-    proc = subprocess.Popen(train_command(config_file, workdir), env=environment(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_command(config_file, workdir),
+        env=environment(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while not any(s >= after_step for s in saved_steps(workdir)):
         assert proc.poll() is None, f"the run ended before step {after_step}: {proc.stderr.read()[-3000:]}"
@@ -171,8 +192,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(config_file, t
 
 
 def test_periodic_and_final_evaluation(config_file, tmp_path):
-    result = train(config_file, tmp_path, "stage=2,steps=4", "--config.eval.every=2", "--config.eval.tasks=('vqa',)",
-                   "--config.eval.n=2")
+    result = train(
+        config_file,
+        tmp_path,
+        "stage=2,steps=4",
+        "--config.eval.every=2",
+        "--config.eval.tasks=('vqa',)",
+        "--config.eval.n=2",
+    )
     assert "eval at step 2: en/vqa_em=" in result.stdout and "eval at step 4" not in result.stdout  # 4: the final
     with open(os.path.join(tmp_path, loop.EVAL_FILE), encoding="utf-8") as f:
         final = json.load(f)
@@ -233,19 +260,34 @@ def test_tokenizers_larger_than_the_model_vocabulary_are_refused(tmp_path):
         check_vocabularies(tok, qtok, small)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("--config.train.optimizer.lrr=1", "train.optimizer has no 'lrr'"),
-    ("--config.data.batch_size=abc", "not a Python literal"),
-    ("--bogus", "unrecognised argument"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--config.train.optimizer.lrr=1", "train.optimizer has no 'lrr'"),
+        ("--config.data.batch_size=abc", "not a Python literal"),
+        ("--bogus", "unrecognised argument"),
+    ],
+)
 def test_bad_overrides_are_clear_errors(config_file, tmp_path, override, message):
-    result = subprocess.run(train_command(config_file, tmp_path, "stage=2", override), env=environment(),
-                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    result = subprocess.run(
+        train_command(config_file, tmp_path, "stage=2", override),
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_url_workdir_is_refused(config_file):
-    result = subprocess.run(train_command(config_file, "gs://bucket/run"), env=environment(), capture_output=True,
-                            text=True, timeout=120, cwd=ROOT)
+    result = subprocess.run(
+        train_command(config_file, "gs://bucket/run"),
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert result.returncode == 2 and "gcsfuse" in result.stderr and "Traceback" not in result.stderr

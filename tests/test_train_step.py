@@ -1,12 +1,12 @@
 """Stages as data: exactly the configured parameters train, frozen ones keep no optimizer state; the step on a
 (data=2, fsdp=2, tensor=2) mesh equals the single-device step."""
+
 import dataclasses
 import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -28,13 +28,19 @@ def tiny(arg):
 def instruction_batch(cfg, batch=4, seed=0):
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, 120, (batch, cfg.num_query_tokens + 8)).astype(np.int32)
-    ids[:, :cfg.num_query_tokens] = cfg.image_token_id
+    ids[:, : cfg.num_query_tokens] = cfg.image_token_id
     loss_mask = np.zeros_like(ids)
     loss_mask[:, -4:] = 1
-    out = dict(input_ids=ids, attention_mask=np.ones_like(ids), loss_mask=loss_mask,
-               pixel_values=rng.normal(size=(batch, 1, 28, 28, 3)).astype(np.float32))
+    out = dict(
+        input_ids=ids,
+        attention_mask=np.ones_like(ids),
+        loss_mask=loss_mask,
+        pixel_values=rng.normal(size=(batch, 1, 28, 28, 3)).astype(np.float32),
+    )
     if cfg.variant == "chat":
-        out.update(qformer_ids=rng.integers(1, 90, (batch, 5)).astype(np.int32), qformer_mask=np.ones((batch, 5), np.int32))
+        out.update(
+            qformer_ids=rng.integers(1, 90, (batch, 5)).astype(np.int32), qformer_mask=np.ones((batch, 5), np.int32)
+        )
     return {k: jnp.asarray(v) for k, v in out.items()}
 
 
@@ -48,10 +54,13 @@ def run_steps(cfg, stage, batch, n=2, params=None):
     return params, state, metrics
 
 
-@pytest.mark.parametrize("arg,trainable", [
-    ("variant=base,stage=2", ("language_projection",)),
-    ("variant=chat,stage=3", ("qformer", "query_tokens", "language_projection", r".*/lora_[ab]")),
-])
+@pytest.mark.parametrize(
+    "arg,trainable",
+    [
+        ("variant=base,stage=2", ("language_projection",)),
+        ("variant=chat,stage=3", ("qformer", "query_tokens", "language_projection", r".*/lora_[ab]")),
+    ],
+)
 def test_only_the_configured_parameters_train(arg, trainable):
     cfg = tiny(arg)
     stage = Stage(trainable=trainable, loss_weights=(("lm", 1.0),))
@@ -68,11 +77,15 @@ def test_only_the_configured_parameters_train(arg, trainable):
             assert same, f"frozen {path} changed"
             assert path not in flatten(state.trainable)
     # Optimizer state exists only for trainable leaves: Adam's mu has exactly their paths.
-    mu = [s for s in jax.tree_util.tree_leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
-          if hasattr(s, "mu")][0].mu
+    mu = [
+        s for s in jax.tree_util.tree_leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")
+    ][0].mu
     assert flatten(mu).keys() == flatten(state.trainable).keys()
-    moved = [p for p in flatten(state.trainable) if "lora_a" not in p[-1]
-             and not np.array_equal(np.asarray(before[p]), np.asarray(after[p]))]
+    moved = [
+        p
+        for p in flatten(state.trainable)
+        if "lora_a" not in p[-1] and not np.array_equal(np.asarray(before[p]), np.asarray(after[p]))
+    ]
     assert moved, "nothing trained"
 
 
@@ -103,8 +116,12 @@ def test_frozen_parameters_kept_in_bfloat16_stay_put_and_give_the_same_loss(tmp_
 def test_empty_trainable_set_is_an_error():
     cfg = tiny("variant=base,stage=2")
     with pytest.raises(ValueError, match="matches no parameter"):
-        init_state(init_params(cfg, jax.random.key(0)), Stage(("nothing_here",), (("lm", 1.0),)),
-                   make_optimizer(OPT), jax.random.key(1))
+        init_state(
+            init_params(cfg, jax.random.key(0)),
+            Stage(("nothing_here",), (("lm", 1.0),)),
+            make_optimizer(OPT),
+            jax.random.key(1),
+        )
 
 
 def assert_sharded_step_matches_single_device(cfg, stage, batch, losses):
@@ -115,8 +132,10 @@ def assert_sharded_step_matches_single_device(cfg, stage, batch, losses):
         sharded_params = jax.device_put(params, param_shardings(cfg, mesh))
         sharded_batch = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
         _, multi, m8 = run_steps(cfg, stage, sharded_batch, n=1, params=sharded_params)
-    assert multi.trainable["qformer"]["layer"]["layer_0"]["attention"]["attention"]["query"]["kernel"].sharding \
-        .spec[1] == "fsdp"
+    assert (
+        multi.trainable["qformer"]["layer"]["layer_0"]["attention"]["attention"]["query"]["kernel"].sharding.spec[1]
+        == "fsdp"
+    )
     for k in ("loss", *losses):
         np.testing.assert_allclose(float(m8[k]), float(m1[k]), rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(multi.trainable), jax.tree_util.tree_leaves(single.trainable)):
@@ -125,36 +144,48 @@ def assert_sharded_step_matches_single_device(cfg, stage, batch, losses):
 
 def test_sharded_step_matches_single_device_with_itc_over_the_global_batch():
     cfg = tiny("variant=base,stage=1")
-    stage = Stage(trainable=("qformer", "query_tokens", "vision_proj", "text_proj", "itm_head", "temp"),
-                  loss_weights=(("itc", 1.0),))  # the loss whose negatives cross data shards
+    stage = Stage(
+        trainable=("qformer", "query_tokens", "vision_proj", "text_proj", "itm_head", "temp"),
+        loss_weights=(("itc", 1.0),),
+    )  # the loss whose negatives cross data shards
     rng = np.random.default_rng(0)
-    batch = {"pixel_values": jnp.asarray(rng.normal(size=(8, 28, 28, 3)), jnp.float32),
-             "text_ids": jnp.asarray(rng.integers(3, 90, (8, 6)), jnp.int32),
-             "text_mask": jnp.asarray(np.ones((8, 6), np.int32))}
+    batch = {
+        "pixel_values": jnp.asarray(rng.normal(size=(8, 28, 28, 3)), jnp.float32),
+        "text_ids": jnp.asarray(rng.integers(3, 90, (8, 6)), jnp.int32),
+        "text_mask": jnp.asarray(np.ones((8, 6), np.int32)),
+    }
     assert_sharded_step_matches_single_device(cfg, stage, batch, ("itc",))
 
 
 def test_sharded_step_on_packed_rows_matches_single_device():
     cfg = tiny("variant=chat,stage=2")
-    stage = Stage(trainable=("language_model", "language_projection", "qformer", "query_tokens"),
-                  loss_weights=(("lm", 1.0),))
+    stage = Stage(
+        trainable=("language_model", "language_projection", "qformer", "query_tokens"), loss_weights=(("lm", 1.0),)
+    )
     one = {k: np.asarray(v) for k, v in instruction_batch(cfg, batch=16).items()}
     pair = lambda x: x.reshape(8, 2, *x.shape[1:])  # rows 2i and 2i+1 share a packed row
     n = one["input_ids"].shape[1]
     batch = {k: pair(one[k]).reshape(8, 2 * n) for k in ("input_ids", "attention_mask", "loss_mask")}
-    batch.update(segment_ids=np.repeat(np.array([[1, 2]], np.int32), n, axis=1).repeat(8, 0),
-                 positions=np.tile(np.arange(n, dtype=np.int32), (8, 2)),
-                 pixel_values=pair(one["pixel_values"])[:, :, 0], image_mask=np.ones((8, 2), np.int32),
-                 qformer_ids=pair(one["qformer_ids"]), qformer_mask=pair(one["qformer_mask"]))
+    batch.update(
+        segment_ids=np.repeat(np.array([[1, 2]], np.int32), n, axis=1).repeat(8, 0),
+        positions=np.tile(np.arange(n, dtype=np.int32), (8, 2)),
+        pixel_values=pair(one["pixel_values"])[:, :, 0],
+        image_mask=np.ones((8, 2), np.int32),
+        qformer_ids=pair(one["qformer_ids"]),
+        qformer_mask=pair(one["qformer_mask"]),
+    )
     assert_sharded_step_matches_single_device(cfg, stage, {k: jnp.asarray(v) for k, v in batch.items()}, ("lm",))
 
 
 def test_weight_decay_skips_biases_norms_and_temperature():
-    opt = default_optimizer(lr=1.0, warmup_init_lr=1.0, warmup_steps=0, total_steps=10, end_lr=1.0,
-                            weight_decay=0.5, grad_clip=1e9)
+    opt = default_optimizer(
+        lr=1.0, warmup_init_lr=1.0, warmup_steps=0, total_steps=10, end_lr=1.0, weight_decay=0.5, grad_clip=1e9
+    )
     tx = make_optimizer(opt)
-    params = {"layer": {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "norm": {"scale": jnp.ones(2)}},
-              "temp": jnp.ones(())}
+    params = {
+        "layer": {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "norm": {"scale": jnp.ones(2)}},
+        "temp": jnp.ones(()),
+    }
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)
     assert float(jnp.abs(updates["layer"]["dense"]["kernel"]).max()) > 0  # decayed
@@ -163,8 +194,9 @@ def test_weight_decay_skips_biases_norms_and_temperature():
 
 
 def test_lr_multipliers_scale_the_updates_of_the_parameters_they_match():
-    opt = default_optimizer(lr=1e-2, warmup_init_lr=1e-2, warmup_steps=0, total_steps=10, end_lr=1e-2,
-                            lr_multipliers=(("qformer", 0.1),))
+    opt = default_optimizer(
+        lr=1e-2, warmup_init_lr=1e-2, warmup_steps=0, total_steps=10, end_lr=1e-2, lr_multipliers=(("qformer", 0.1),)
+    )
     tx = make_optimizer(opt)
     leaf = jnp.arange(1.0, 5.0).reshape(2, 2)
     params = {"qformer": {"kernel": leaf}, "qformer_like": {"kernel": leaf}, "language_model": {"kernel": leaf}}

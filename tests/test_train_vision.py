@@ -1,5 +1,6 @@
 """The demo's vision pretraining (stage 0): its loss against numpy, its accuracy on known logits, deterministic
 batches, and the demo ViT learning to read the grid cells."""
+
 import os
 
 import numpy as np

@@ -6,6 +6,7 @@
 Type a question; `/image PATH` adds an image (it enters the conversation where it was given), `/reset` clears
 the conversation, `/quit` (or end of input) leaves. Answers stream as they are decoded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,9 @@ class ChatSession:
         for dropped in range(len(turns)):
             pics = [im for group in per_turn[dropped:] for im in group]
             try:
-                arrays = formats.prompt_input(turns[dropped:], len(pics), self.tok, self.qtok, self.cfg,
-                                              self.decode.max_new_tokens)
+                arrays = formats.prompt_input(
+                    turns[dropped:], len(pics), self.tok, self.qtok, self.cfg, self.decode.max_new_tokens
+                )
                 return arrays, pics, dropped
             except formats.PromptTooLong:
                 if dropped == len(turns) - 1:
@@ -73,9 +75,10 @@ class ChatSession:
         arrays, pics, dropped = self.model_input(query)
         pixels = np.stack(pics)[None] if pics else None
         batch = {k: v[None] for k, v in arrays.items() if k != "attention_mask"}
-        tokens, lengths = generate(self.params, self.cfg, dc=self.decode, rng=rng, on_token=on_token,
-                                   pixel_values=pixels, **batch)
-        text = self.tok.decode([int(t) for t in tokens[0, :lengths[0]] if t != self.tok.eos_id])
+        tokens, lengths = generate(
+            self.params, self.cfg, dc=self.decode, rng=rng, on_token=on_token, pixel_values=pixels, **batch
+        )
+        text = self.tok.decode([int(t) for t in tokens[0, : lengths[0]] if t != self.tok.eos_id])
         dropped_images = sum(map(len, self.turn_images[:dropped]))
         self.turns = [*self.turns[dropped:], formats.Turn(self._placed(query), text)]
         self.turn_images = [*self.turn_images[dropped:], self.pending]
@@ -86,8 +89,9 @@ class ChatSession:
 def main(argv=None, stdin=None, stdout=None) -> int:
     stdin = stdin or io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
     stdout = stdout or sys.stdout
-    parser = argparse.ArgumentParser(prog="python -m ziya_jax.chat", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ziya_jax.chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cli.add_model_flags(parser)
     cli.add_decode_flags(parser, ZIYA_DEMO)
     args = parser.parse_args(argv)
@@ -104,8 +108,11 @@ def main(argv=None, stdin=None, stdout=None) -> int:
         if not line:
             continue
         if "\ufffd" in line:
-            print("error: that line is not valid UTF-8; it was not sent (the conversation is kept)", file=stdout,
-                  flush=True)
+            print(
+                "error: that line is not valid UTF-8; it was not sent (the conversation is kept)",
+                file=stdout,
+                flush=True,
+            )
             continue
         if line == "/quit":
             break
@@ -115,17 +122,24 @@ def main(argv=None, stdin=None, stdout=None) -> int:
             continue
         try:
             if line.startswith("/image"):
-                session.add_image(line[len("/image"):].strip())
-                print(f"(image {sum(map(len, session.turn_images)) + len(session.pending)} added)", file=stdout,
-                      flush=True)
+                session.add_image(line[len("/image") :].strip())
+                print(
+                    f"(image {sum(map(len, session.turn_images)) + len(session.pending)} added)",
+                    file=stdout,
+                    flush=True,
+                )
                 continue
             rng, key = jax.random.split(rng)
             streamed = StreamPrinter(model.tok, stdout)
             answer = session.ask(line, on_token=streamed, rng=key)
             streamed.finish(answer.text)
             if answer.dropped_turns:
-                print(f"(the conversation outgrew the model's context: its oldest {answer.dropped_turns} turn(s) "
-                      f"and {answer.dropped_images} image(s) were left out)", file=stdout, flush=True)
+                print(
+                    f"(the conversation outgrew the model's context: its oldest {answer.dropped_turns} turn(s) "
+                    f"and {answer.dropped_images} image(s) were left out)",
+                    file=stdout,
+                    flush=True,
+                )
         except ValueError as e:
             print(f"error: {e}", file=stdout, flush=True)
     return 0
@@ -144,12 +158,12 @@ class StreamPrinter:
         self.ids.append(int(token))
         text = self.tok.decode(self.ids)
         if not text.endswith("\ufffd"):
-            self.out.write(text[len(self.shown):])
+            self.out.write(text[len(self.shown) :])
             self.out.flush()
             self.shown = text
 
     def finish(self, answer: str):
-        self.out.write(answer[len(self.shown):] + "\n")
+        self.out.write(answer[len(self.shown) :] + "\n")
         self.out.flush()
 
 

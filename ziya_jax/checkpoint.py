@@ -3,6 +3,7 @@
 Used by the converter (from-hf writes one, to-hf reads one) and by anything that needs a model without its
 training state. Restoring goes straight into given shardings, so a model never has to fit on one device.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,10 @@ def save_model(path: str, params, cfg: ModelConfig) -> None:
     if os.path.exists(path):
         raise FileExistsError(f"{path} exists; choose a new checkpoint directory")
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(path, ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                            model_config=ocp.args.JsonSave(cfg.to_dict())))
+        ckptr.save(
+            path,
+            ocp.args.Composite(params=ocp.args.StandardSave(params), model_config=ocp.args.JsonSave(cfg.to_dict())),
+        )
 
 
 def load_model_config(path: str) -> ModelConfig:
@@ -57,15 +60,24 @@ def load_model(path: str, shardings=None, dtype: str | None = None, mesh=None) -
     abstract = nn.meta.unbox(abstract_params(cfg))
     if shardings is None:
         shardings = jax.tree_util.tree_map(lambda _: SingleDeviceSharding(jax.devices()[0]), abstract)
-    abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                      abstract, shardings)
+    abstract = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
     params = {}
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
             for key, leaf in flatten(abstract).items():
                 item = unflatten({key: leaf})
-                restored = ckptr.restore(os.path.abspath(path), ocp.args.Composite(params=ocp.args.PyTreeRestore(
-                    item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+                restored = ckptr.restore(
+                    os.path.abspath(path),
+                    ocp.args.Composite(
+                        params=ocp.args.PyTreeRestore(
+                            item=item,
+                            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                            partial_restore=True,
+                        )
+                    ),
+                )
                 params[key] = flatten(restored["params"])[key]
     except Exception as e:  # Orbax and TensorStore raise many types for a damaged file; say which file
         first = (str(e).strip().splitlines() or [""])[0]

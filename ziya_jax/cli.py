@@ -1,5 +1,6 @@
 """What the inference commands (generate, chat, evaluate) share: loading a model as the user asks for it
 (--dtype, --mesh, --quantize), its tokenizers, and the decoding flags."""
+
 from __future__ import annotations
 
 import argparse
@@ -24,12 +25,19 @@ def add_model_flags(parser: argparse.ArgumentParser, tokenizer: bool = True):
     parser.add_argument("--checkpoint", required=True, help="a model folder (train's stageN/model, convert's output)")
     if tokenizer:
         parser.add_argument("--tokenizer", help="tokenizer folder (default: CHECKPOINT/tokenizer)")
-    parser.add_argument("--dtype", choices=DTYPES, help="store and compute the weights in this dtype, cast as "
-                                                        "each tensor is read (default: as saved)")
-    parser.add_argument("--mesh", help="DATA,FSDP,TENSOR: restore the weights sharded over the local devices, e.g. "
-                                       "1,-1,1 (fsdp over all) or 1,2,4; default: one device")
-    parser.add_argument("--quantize", choices=("int8",), help="int8 weight-only quantisation of the LLM's and the "
-                                                              "ViT's linear layers")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="store and compute the weights in this dtype, cast as each tensor is read (default: as saved)",
+    )
+    parser.add_argument(
+        "--mesh",
+        help="DATA,FSDP,TENSOR: restore the weights sharded over the local devices, e.g. "
+        "1,-1,1 (fsdp over all) or 1,2,4; default: one device",
+    )
+    parser.add_argument(
+        "--quantize", choices=("int8",), help="int8 weight-only quantisation of the LLM's and the ViT's linear layers"
+    )
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
@@ -75,8 +83,11 @@ def add_decode_flags(parser: argparse.ArgumentParser, default: DecodeConfig):
     parser.add_argument("--min-new-tokens", type=int, default=default.min_new_tokens)
     parser.add_argument("--num-beams", type=int, default=default.num_beams)
     parser.add_argument("--length-penalty", type=float, default=default.length_penalty)
-    parser.add_argument("--greedy", action="store_true", help="no sampling (the default unless a sampling flag "
-                                                             "is given, or the demo settings are)")
+    parser.add_argument(
+        "--greedy",
+        action="store_true",
+        help="no sampling (the default unless a sampling flag is given, or the demo settings are)",
+    )
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--top-k", type=int)
@@ -85,14 +96,22 @@ def add_decode_flags(parser: argparse.ArgumentParser, default: DecodeConfig):
 
 
 def decode_config(args, default: DecodeConfig) -> DecodeConfig:
-    sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p),
-                                  ("top_k", args.top_k)) if v is not None}
+    sampling = {
+        k: v
+        for k, v in (("temperature", args.temperature), ("top_p", args.top_p), ("top_k", args.top_k))
+        if v is not None
+    }
     do_sample = bool(sampling) or (default.do_sample and not args.greedy and args.num_beams == 1)
     return DecodeConfig(
-        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, num_beams=args.num_beams,
-        length_penalty=args.length_penalty, do_sample=do_sample,
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        do_sample=do_sample,
         temperature=sampling.get("temperature", default.temperature if do_sample else 1.0),
         top_p=sampling.get("top_p", default.top_p if do_sample else 1.0),
         top_k=sampling.get("top_k", default.top_k if do_sample else 0),
-        repetition_penalty=(args.repetition_penalty if args.repetition_penalty is not None
-                            else default.repetition_penalty))
+        repetition_penalty=(
+            args.repetition_penalty if args.repetition_penalty is not None else default.repetition_penalty
+        ),
+    )

@@ -12,6 +12,7 @@ Topologies: v5e-N and v6e-N (N chips), v4-N and v5p-N (N TensorCores, two per ch
 or libtpu's own names (v5e:8x8, v4:2x2x4). --num-slices compiles for a multi-slice pod (the config's mesh.dcn
 spans the slices). --llm-depths 4,40 times the compilation of the scanned LLaMA stack at several depths instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,12 +25,13 @@ import re
 import sys
 import time
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
     """Per-chip figures of a TPU generation (Cloud TPU documentation; bf16 dense peak)."""
+
     libtpu_name: str  # the topology prefix libtpu knows
     accelerator: str  # Cloud TPU accelerator-type prefix
     hbm_bytes: int
@@ -85,8 +87,10 @@ def parse_topology(name: str, num_slices: int = 1) -> Topology:
     """'v5e-64' (Cloud TPU size), 'v4-32' (TensorCores) or 'v5e:8x8' (libtpu) -> Topology."""
     m = re.fullmatch(r"(v4|v5e|v5p|v6e)([-:])(\d+(?:x\d+)*)", name.strip().lower())
     if not m:
-        raise ValueError(f"unknown topology {name!r}: use e.g. v5e-64, v6e-16, v4-32, v5p-128 or v5e:8x8 "
-                         f"(generations {', '.join(CHIPS)})")
+        raise ValueError(
+            f"unknown topology {name!r}: use e.g. v5e-64, v6e-16, v4-32, v5p-128 or v5e:8x8 "
+            f"(generations {', '.join(CHIPS)})"
+        )
     family, sep, size = m.groups()
     chip = CHIPS[family]
     if sep == ":":
@@ -114,8 +118,10 @@ def topology_devices(topo: Topology):
     import importlib.util
 
     if importlib.util.find_spec("libtpu") is None:
-        raise RuntimeError("libtpu is not installed; `pip install -e '.[tpu]'` (or `pip install jax[tpu]`) "
-                           "lets this host compile for TPUs")
+        raise RuntimeError(
+            "libtpu is not installed; `pip install -e '.[tpu]'` (or `pip install jax[tpu]`) "
+            "lets this host compile for TPUs"
+        )
     from jax.experimental import topologies
 
     kwargs = {"chip_config_name": "megacore"} if topo.chip.cores_per_chip == 2 else {}
@@ -148,14 +154,18 @@ class Result:
     error: str = ""
 
     def line(self) -> str:
-        where = f"{self.program} on {self.topology} ({self.chips} chips, mesh {self.mesh}), batch {self.batch}, " \
-                f"remat {self.remat}"
+        where = (
+            f"{self.program} on {self.topology} ({self.chips} chips, mesh {self.mesh}), batch {self.batch}, "
+            f"remat {self.remat}"
+        )
         if not self.fits:
             return f"{where}: DOES NOT FIT ({self.error})"
-        return (f"{where}: per chip {self.total_gib:.2f} of {self.hbm_gib:.1f} GiB HBM (arguments "
-                f"{self.argument_gib:.2f}, temporaries {self.temp_gib:.2f}, outputs not aliased "
-                f"{self.output_gib - self.alias_gib:.2f}); {self.flops_per_chip / 1e12:.2f} TFLOP per chip; "
-                f"roofline {self.roofline_s * 1e3:.1f} ms ({self.bound}-bound); compiled in {self.compile_s:.0f} s")
+        return (
+            f"{where}: per chip {self.total_gib:.2f} of {self.hbm_gib:.1f} GiB HBM (arguments "
+            f"{self.argument_gib:.2f}, temporaries {self.temp_gib:.2f}, outputs not aliased "
+            f"{self.output_gib - self.alias_gib:.2f}); {self.flops_per_chip / 1e12:.2f} TFLOP per chip; "
+            f"roofline {self.roofline_s * 1e3:.1f} ms ({self.bound}-bound); compiled in {self.compile_s:.0f} s"
+        )
 
 
 def _compile(jitted, args, mesh, rules):
@@ -181,16 +191,31 @@ def _compile(jitted, args, mesh, rules):
 
 def _result(program, topo: Topology, mesh, batch, remat, compiled, flops, error, seconds) -> Result:
     chips = mesh.devices.size
-    r = Result(program, topo.name + (f" x{topo.num_slices} slices" if topo.num_slices > 1 else ""), chips,
-               dict(mesh.shape), batch, remat, compiled is not None, seconds, topo.chip.hbm_bytes / GiB,
-               flops_per_chip=flops / chips, error=error)
+    r = Result(
+        program,
+        topo.name + (f" x{topo.num_slices} slices" if topo.num_slices > 1 else ""),
+        chips,
+        dict(mesh.shape),
+        batch,
+        remat,
+        compiled is not None,
+        seconds,
+        topo.chip.hbm_bytes / GiB,
+        flops_per_chip=flops / chips,
+        error=error,
+    )
     if compiled is None:
         return r
     m = compiled.memory_analysis()
     r.argument_gib, r.output_gib = m.argument_size_in_bytes / GiB, m.output_size_in_bytes / GiB
     r.alias_gib, r.temp_gib = m.alias_size_in_bytes / GiB, m.temp_size_in_bytes / GiB
-    r.total_gib = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                   + m.temp_size_in_bytes + m.generated_code_size_in_bytes) / GiB
+    r.total_gib = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+        + m.generated_code_size_in_bytes
+    ) / GiB
     # Lower bounds: the matmuls at the chip's peak, and every argument read and output written once from HBM.
     compute = r.flops_per_chip / topo.chip.peak_flops
     memory = (m.argument_size_in_bytes + m.output_size_in_bytes) / topo.chip.hbm_bandwidth
@@ -213,8 +238,9 @@ def setup(config, devices, batch_size=None, remat=None, mesh=None, dcn=None, row
     if remat:
         model["remat_policy"] = remat
     cfg = ModelConfig.from_dict(model)
-    ici, config_dcn = (config.mesh["ici"], config.mesh.get("dcn")) if hasattr(config.mesh, "keys") else \
-        (config.mesh, None)
+    ici, config_dcn = (
+        (config.mesh["ici"], config.mesh.get("dcn")) if hasattr(config.mesh, "keys") else (config.mesh, None)
+    )
     mesh, rules = make_mesh({"ici": mesh or ici, "dcn": dcn or config_dcn}, devices), rules_from_config(config)
     data = ml_collections.ConfigDict(config.data.to_dict()) if "data" in config else None
     if data is not None and (batch_size or rows_per_shard):
@@ -227,8 +253,9 @@ def _require(config, section: str, what: str) -> None:
         raise ValueError(f"the config has no `{section}` section ({what})")
 
 
-def compile_train_step(config, topo: Topology, devices, batch_size=None, remat=None, mesh=None, dcn=None,
-                       rows_per_shard=None) -> Result:
+def compile_train_step(
+    config, topo: Topology, devices, batch_size=None, remat=None, mesh=None, dcn=None, rows_per_shard=None
+) -> Result:
     from ziya_jax.train.optimizer import logged_lr, make_optimizer
     from ziya_jax.train.sharded import abstract_batch, abstract_train_state, batch_shapes, jit_train_step
     from ziya_jax.train.step import STAGE1_LOSSES, Stage
@@ -242,8 +269,9 @@ def compile_train_step(config, topo: Topology, devices, batch_size=None, remat=N
     state = abstract_train_state(cfg, stage, tx, mesh, rules)
     batch = abstract_batch(batch_shapes(data, cfg, stage1), mesh, rules)
     step = jit_train_step(cfg, stage, tx, logged_lr(config.train.optimizer), mesh, rules)
-    return _result("train_step", topo, mesh, data.batch_size, cfg.remat_policy,
-                   *_compile(step, (state, batch), mesh, rules))
+    return _result(
+        "train_step", topo, mesh, data.batch_size, cfg.remat_policy, *_compile(step, (state, batch), mesh, rules)
+    )
 
 
 def _batch_shards(mesh, rules) -> int:
@@ -255,8 +283,9 @@ def _batch_shards(mesh, rules) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def compile_decode_step(config, topo: Topology, devices, batch_size=None, cache_len=None, mesh=None,
-                        dcn=None, weights: str = "") -> Result:
+def compile_decode_step(
+    config, topo: Topology, devices, batch_size=None, cache_len=None, mesh=None, dcn=None, weights: str = ""
+) -> Result:
     """One decode step of the configured model, as ziya_jax.decode runs it inside its loop: a token per row
     against a KV cache of `cache_len` slots (default: the LLM's maximum positions), cache donated. The batch
     defaults to one row per batch shard. weights: '' (the config's param_dtype), 'bfloat16' (every float weight
@@ -278,7 +307,8 @@ def compile_decode_step(config, topo: Topology, devices, batch_size=None, cache_
     params, shardings = nn.meta.unbox(abstract_params(cfg)), param_shardings(cfg, mesh, rules)
     if weights:
         params = jax.tree_util.tree_map(
-            lambda a: sds(a.shape, jnp.bfloat16 if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype), params)
+            lambda a: sds(a.shape, jnp.bfloat16 if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype), params
+        )
     if weights == "int8":
         params, cfg = quantize.quantize_abstract(params, cfg, "int8")
         shardings = quantize.shardings(shardings, params)
@@ -286,11 +316,19 @@ def compile_decode_step(config, topo: Topology, devices, batch_size=None, cache_
     cache_shape = (cfg.llm.depth, b, cfg.llm.num_kv_heads, s, cfg.llm.head_dim)
     cache = {k: sds(cache_shape, jnp.dtype(cfg.dtype), sharding=cache_sharding(mesh, rules)) for k in ("k", "v")}
     rows, table = batch_sharding(mesh, 1, rules), batch_sharding(mesh, 2, rules)
-    args = (params, sds((b,), jnp.int32, sharding=rows), cache, sds((b, s), jnp.int32, sharding=table),
-            sds((b,), jnp.int32, sharding=rows), sds((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec())))
+    args = (
+        params,
+        sds((b,), jnp.int32, sharding=rows),
+        cache,
+        sds((b, s), jnp.int32, sharding=table),
+        sds((b,), jnp.int32, sharding=rows),
+        sds((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec())),
+    )
     model = ZiyaVisual(cfg)
-    step = jax.jit(lambda p, tokens, c, key_mask, positions, slot: _step(model, p, tokens, c, key_mask, positions,
-                                                                         slot), donate_argnums=2)
+    step = jax.jit(
+        lambda p, tokens, c, key_mask, positions, slot: _step(model, p, tokens, c, key_mask, positions, slot),
+        donate_argnums=2,
+    )
     program = {"": "decode_step", "bfloat16": "decode_step_bf16", "int8": "decode_step_int8"}[weights]
     return _result(program, topo, mesh, b, "-", *_compile(step, args, mesh, rules))
 
@@ -313,8 +351,7 @@ def llama_step(cfg, depth: int, batch: int, text_len: int, mesh, rules):
     ids = sds((batch, text_len), jnp.int32, sharding=batch_sharding(mesh, 2, rules))
     boxed = jax.eval_shape(lambda e, i: module.init(jax.random.key(0), e, i, i)["params"], embeds, ids)
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, list(rules))
-    params = jax.tree_util.tree_map(lambda a, sh: sds(a.shape, a.dtype, sharding=sh), nn.meta.unbox(boxed),
-                                    shardings)
+    params = jax.tree_util.tree_map(lambda a, sh: sds(a.shape, a.dtype, sharding=sh), nn.meta.unbox(boxed), shardings)
 
     def loss(p, e, labels):
         logits, _ = module.apply({"params": p}, e, labels, labels)
@@ -323,13 +360,15 @@ def llama_step(cfg, depth: int, batch: int, text_len: int, mesh, rules):
     return jax.jit(jax.value_and_grad(loss), out_shardings=(None, shardings)), (params, embeds, ids)
 
 
-def compile_llama(config, topo: Topology, devices, depth: int, batch_size=None, remat=None, mesh=None,
-                  dcn=None, rows_per_shard=None) -> Result:
+def compile_llama(
+    config, topo: Topology, devices, depth: int, batch_size=None, remat=None, mesh=None, dcn=None, rows_per_shard=None
+) -> Result:
     cfg, mesh, rules, data = setup(config, devices, batch_size, remat, mesh, dcn, rows_per_shard)
     _require(config, "data", "batch_size, text_len")
     step, args = llama_step(cfg, depth, data.batch_size, data.text_len, mesh, rules)
-    return _result(f"llama_{depth}_layers", topo, mesh, data.batch_size, cfg.remat_policy,
-                   *_compile(step, args, mesh, rules))
+    return _result(
+        f"llama_{depth}_layers", topo, mesh, data.batch_size, cfg.remat_policy, *_compile(step, args, mesh, rules)
+    )
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -338,43 +377,61 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def table(results: list[Result]) -> str:
     """The results as a markdown table."""
-    rows = ["| program | topology | chips | mesh (data, fsdp, tensor) | batch | remat | arguments GiB | "
-            "temporaries GiB | total GiB / HBM | fits | TFLOP per chip | roofline |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| program | topology | chips | mesh (data, fsdp, tensor) | batch | remat | arguments GiB | "
+        "temporaries GiB | total GiB / HBM | fits | TFLOP per chip | roofline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         mesh = "x".join(str(v) for v in r.mesh.values())
         total = f"{r.total_gib:.2f} / {r.hbm_gib:.0f}" if r.total_gib else f"- / {r.hbm_gib:.0f}"
         roofline = f"{r.roofline_s * 1e3:.0f} ms ({r.bound})" if r.roofline_s else "-"
-        rows.append(f"| {r.program} | {r.topology} | {r.chips} | {mesh} | {r.batch} | {r.remat} | "
-                    f"{r.argument_gib:.2f} | {r.temp_gib:.2f} | {total} | {'yes' if r.fits else 'no'} | "
-                    f"{r.flops_per_chip / 1e12:.1f} | {roofline} |")
+        rows.append(
+            f"| {r.program} | {r.topology} | {r.chips} | {mesh} | {r.batch} | {r.remat} | "
+            f"{r.argument_gib:.2f} | {r.temp_gib:.2f} | {total} | {'yes' if r.fits else 'no'} | "
+            f"{r.flops_per_chip / 1e12:.1f} | {roofline} |"
+        )
     return "\n".join(rows)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ziya_jax.compile", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ziya_jax.compile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="configs/FILE.py[:arg]")
     parser.add_argument("--topology", required=True, help="one or more, comma-separated: v5e-64,v6e-16,...")
     parser.add_argument("--num-slices", type=int, default=1, help="slices of the topology (multi-slice, DCN)")
-    parser.add_argument("--smallest", action="store_true",
-                        help="try the topologies in the order given and stop at the first where everything fits")
+    parser.add_argument(
+        "--smallest",
+        action="store_true",
+        help="try the topologies in the order given and stop at the first where everything fits",
+    )
     batch = parser.add_mutually_exclusive_group()
     batch.add_argument("--batch-size", type=int, help="global train batch (default: the config's data.batch_size)")
-    batch.add_argument("--rows-per-chip", type=int,
-                       help="instead: this many rows per batch shard (per chip when tensor is 1), so the batch "
-                            "follows the topology")
+    batch.add_argument(
+        "--rows-per-chip",
+        type=int,
+        help="instead: this many rows per batch shard (per chip when tensor is 1), so the batch follows the topology",
+    )
     parser.add_argument("--remat", help="remat policy: none | full | dots | dots_no_batch (default: the config's)")
-    parser.add_argument("--mesh", type=_ints,
-                        help="ICI mesh data,fsdp,tensor, e.g. --mesh=1,-1,1 (default: the config's)")
+    parser.add_argument(
+        "--mesh", type=_ints, help="ICI mesh data,fsdp,tensor, e.g. --mesh=1,-1,1 (default: the config's)"
+    )
     parser.add_argument("--dcn", type=_ints, help="DCN mesh across slices, e.g. --dcn=-1,1,1 (default: the config's)")
     parser.add_argument("--programs", default="train,decode", help="train, decode or both (comma-separated)")
     parser.add_argument("--decode-batch", type=int, help="decode rows (default: one per batch shard)")
     parser.add_argument("--decode-len", type=int, help="KV cache slots (default: the LLM's maximum positions)")
-    parser.add_argument("--quantize", choices=("", "none", "int8"), default="",
-                        help="int8: compile the decode step with bfloat16 weights and with them quantised to int8")
-    parser.add_argument("--llm-depths", type=_ints,
-                        help="instead: compile the LLaMA stack alone at these depths and compare compile times")
+    parser.add_argument(
+        "--quantize",
+        choices=("", "none", "int8"),
+        default="",
+        help="int8: compile the decode step with bfloat16 weights and with them quantised to int8",
+    )
+    parser.add_argument(
+        "--llm-depths",
+        type=_ints,
+        help="instead: compile the LLaMA stack alone at these depths and compare compile times",
+    )
     args = parser.parse_args(argv)
     if (args.batch_size or 1) < 1 or (args.rows_per_chip or 1) < 1:
         parser.error("--batch-size and --rows-per-chip must be positive")
@@ -396,15 +453,25 @@ def main(argv=None) -> int:
             common = dict(mesh=args.mesh, dcn=args.dcn)
             train = dict(common, rows_per_shard=args.rows_per_chip)
             if args.llm_depths:
-                runs = [functools.partial(compile_llama, config, topo, devices, d, args.batch_size, args.remat,
-                                          **train) for d in args.llm_depths]
+                runs = [
+                    functools.partial(compile_llama, config, topo, devices, d, args.batch_size, args.remat, **train)
+                    for d in args.llm_depths
+                ]
             else:
-                step = functools.partial(compile_train_step, config, topo, devices, args.batch_size, args.remat,
-                                         **train)
-                decode = functools.partial(compile_decode_step, config, topo, devices, args.decode_batch,
-                                           args.decode_len, **common)
-                decodes = [decode] if args.quantize in ("", "none") else \
-                    [functools.partial(decode, weights="bfloat16"), functools.partial(decode, weights=args.quantize)]
+                step = functools.partial(
+                    compile_train_step, config, topo, devices, args.batch_size, args.remat, **train
+                )
+                decode = functools.partial(
+                    compile_decode_step, config, topo, devices, args.decode_batch, args.decode_len, **common
+                )
+                decodes = (
+                    [decode]
+                    if args.quantize in ("", "none")
+                    else [
+                        functools.partial(decode, weights="bfloat16"),
+                        functools.partial(decode, weights=args.quantize),
+                    ]
+                )
                 runs = [r for p in programs for r in ([step] if p == "train" else decodes)]
             here = []
             for run in runs:
@@ -412,8 +479,10 @@ def main(argv=None) -> int:
                 print(here[-1].line(), flush=True)
             results += here
             if args.llm_depths:
-                print(f"compile time {here[-1].program} / {here[0].program} on {name}: "
-                      f"{here[-1].compile_s / here[0].compile_s:.2f}x")
+                print(
+                    f"compile time {here[-1].program} / {here[0].program} on {name}: "
+                    f"{here[-1].compile_s / here[0].compile_s:.2f}x"
+                )
             fitted = all(r.fits for r in here)
             if args.smallest and fitted:
                 break

@@ -3,6 +3,7 @@
 Flax modules need hashable fields, so the ConfigDict of a config file is turned into these dataclasses once,
 and turned back into a plain dict when it is saved beside a checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +14,7 @@ from typing import Any
 class LoraConfig:
     """LoRA for every Dense whose module path (e.g. `language_model/layers/self_attn/q_proj`) fully matches
     one of `targets` (regular expressions). rank 0 means no LoRA anywhere."""
+
     rank: int = 0
     alpha: float = 16.0
     dropout: float = 0.0
@@ -78,6 +80,7 @@ class LlamaConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The whole Ziya-Visual model. variant 'base' = BLIP-2 style, 'chat' = instruction-aware Q-Former."""
+
     variant: str = "base"
     vision: VisionConfig = VisionConfig()
     qformer: QFormerConfig = QFormerConfig()
@@ -100,15 +103,21 @@ class ModelConfig:
         if self.variant not in ("base", "chat"):
             raise ValueError(f"model.variant must be 'base' or 'chat', got {self.variant!r}")
         if self.variant == "chat" and not self.qformer.text_branch:
-            raise ValueError("model.variant='chat' needs model.qformer.text_branch=True (the instruction enters the Q-Former)")
+            raise ValueError(
+                "model.variant='chat' needs model.qformer.text_branch=True (the instruction enters the Q-Former)"
+            )
         if self.qformer.pretrain_heads and not self.qformer.text_branch:
             raise ValueError("model.qformer.pretrain_heads needs model.qformer.text_branch (ITC/ITG read text)")
         if self.variant == "chat" and not 3 <= self.instruction_len <= self.qformer.max_position_embeddings:
-            raise ValueError(f"model.instruction_len={self.instruction_len} must be >= 3 and at most the Q-Former's "
-                             f"{self.qformer.max_position_embeddings} positions (model.qformer.max_position_embeddings)")
+            raise ValueError(
+                f"model.instruction_len={self.instruction_len} must be >= 3 and at most the Q-Former's "
+                f"{self.qformer.max_position_embeddings} positions (model.qformer.max_position_embeddings)"
+            )
         if self.qformer.depth % self.qformer.cross_attention_frequency:
-            raise ValueError(f"qformer.depth={self.qformer.depth} must be a multiple of "
-                             f"cross_attention_frequency={self.qformer.cross_attention_frequency}")
+            raise ValueError(
+                f"qformer.depth={self.qformer.depth} must be a multiple of "
+                f"cross_attention_frequency={self.qformer.cross_attention_frequency}"
+            )
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"model.remat_policy={self.remat_policy!r}; choose one of {sorted(REMAT_POLICIES)}")
         if self.scan_unroll < 1:

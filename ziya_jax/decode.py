@@ -8,6 +8,7 @@ each row decodes as it would alone. Shapes are static: one compilation per (batc
 The LLM runs scanned over its stacked layers, or unrolled on per-layer weights when given decode_params(params):
 faster on CPU, where a scanned step copies every layer's weights out of the stack before reading them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,8 +78,10 @@ def check_placeholders(input_ids, attention_mask, images_per_row: int, cfg: Mode
     counts = ((np.asarray(input_ids) == cfg.image_token_id) & np.asarray(attention_mask).astype(bool)).sum(1)
     want = images_per_row * cfg.num_query_tokens
     if (counts != want).any():
-        raise ValueError(f"rows hold {counts.tolist()} image placeholders (id {cfg.image_token_id}); "
-                         f"{images_per_row} image(s) x {cfg.num_query_tokens} queries need {want} each")
+        raise ValueError(
+            f"rows hold {counts.tolist()} image placeholders (id {cfg.image_token_id}); "
+            f"{images_per_row} image(s) x {cfg.num_query_tokens} queries need {want} each"
+        )
 
 
 def check_inputs(ids, mask, pixel_values, qformer_ids, qformer_mask, cfg: ModelConfig):
@@ -88,8 +91,10 @@ def check_inputs(ids, mask, pixel_values, qformer_ids, qformer_mask, cfg: ModelC
         qmask = np.ones_like(qformer_ids) if qformer_mask is None else qformer_mask
         tables.append(("Q-Former ids", qformer_ids, qmask, cfg.qformer.vocab_size))
         if np.shape(qformer_ids)[-1] > cfg.qformer.max_position_embeddings:
-            raise ValueError(f"Q-Former instruction of {np.shape(qformer_ids)[-1]} tokens; the Q-Former has "
-                             f"{cfg.qformer.max_position_embeddings} positions")
+            raise ValueError(
+                f"Q-Former instruction of {np.shape(qformer_ids)[-1]} tokens; the Q-Former has "
+                f"{cfg.qformer.max_position_embeddings} positions"
+            )
     for name, values, valid, size in tables:
         values = np.asarray(values)[np.asarray(valid).astype(bool)]
         bad = values[(values < 0) | (values >= size)]
@@ -105,8 +110,9 @@ def process_logits(logits, seen, step, dc: DecodeConfig):
         penalised = jnp.where(logits < 0, logits * dc.repetition_penalty, logits / dc.repetition_penalty)
         logits = jnp.where(seen, penalised, logits)
     if dc.min_new_tokens:
-        logits = logits.at[:, dc.eos_token_id].set(jnp.where(step < dc.min_new_tokens, -jnp.inf,
-                                                             logits[:, dc.eos_token_id]))
+        logits = logits.at[:, dc.eos_token_id].set(
+            jnp.where(step < dc.min_new_tokens, -jnp.inf, logits[:, dc.eos_token_id])
+        )
     if not dc.do_sample:
         return logits
     logits = logits / dc.temperature
@@ -126,15 +132,17 @@ def process_logits(logits, seen, step, dc: DecodeConfig):
 def _prefill(model, params, input_ids, mask, pixel_values, qformer_ids, qformer_mask, total):
     features = None
     if pixel_values is not None:
-        features = model.apply({"params": params}, pixel_values, qformer_ids, qformer_mask,
-                               method=ZiyaVisual.encode_images)
+        features = model.apply(
+            {"params": params}, pixel_values, qformer_ids, qformer_mask, method=ZiyaVisual.encode_images
+        )
     embeds = model.apply({"params": params}, input_ids, features, method=ZiyaVisual.embed_inputs)
     b, t = input_ids.shape
     cache = init_cache(model.cfg.llm, b, total, embeds.dtype, unrolled=model.unrolled_llm)
     key_mask = jnp.zeros((b, total), jnp.int32).at[:, :t].set(mask)
     positions = default_positions(mask)
-    logits, cache = model.apply({"params": params}, embeds, positions, key_mask, cache, 0, last_only=True,
-                                method=ZiyaVisual.language)
+    logits, cache = model.apply(
+        {"params": params}, embeds, positions, key_mask, cache, 0, last_only=True, method=ZiyaVisual.language
+    )
     return logits[:, -1], cache, key_mask, positions[:, -1] + 1
 
 
@@ -142,8 +150,9 @@ def _step(model, params, tokens, cache, key_mask, positions, slot):
     """One new token per row at cache slot `slot` -> (logits [B, V], cache, key_mask)."""
     key_mask = jax.lax.dynamic_update_slice_in_dim(key_mask, jnp.ones((key_mask.shape[0], 1), jnp.int32), slot, 1)
     embeds = model.apply({"params": params}, tokens[:, None], None, method=ZiyaVisual.embed_inputs)
-    logits, cache = model.apply({"params": params}, embeds, positions[:, None], key_mask, cache, slot,
-                                method=ZiyaVisual.language)
+    logits, cache = model.apply(
+        {"params": params}, embeds, positions[:, None], key_mask, cache, slot, method=ZiyaVisual.language
+    )
     return logits[:, 0], cache, key_mask
 
 
@@ -153,13 +162,24 @@ def _seen_tokens(input_ids, mask, vocab):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dc", "stream"))
-def _search(params, input_ids, mask, pixel_values, qformer_ids, qformer_mask, rng, cfg: ModelConfig,
-            dc: DecodeConfig, stream: bool = False):
+def _search(
+    params,
+    input_ids,
+    mask,
+    pixel_values,
+    qformer_ids,
+    qformer_mask,
+    rng,
+    cfg: ModelConfig,
+    dc: DecodeConfig,
+    stream: bool = False,
+):
     model = ZiyaVisual(cfg, unrolled_llm="layers" not in params["language_model"])
     b, t = input_ids.shape
     total = t + dc.max_new_tokens
-    logits, cache, key_mask, positions = _prefill(model, params, input_ids, mask, pixel_values, qformer_ids,
-                                                  qformer_mask, total)
+    logits, cache, key_mask, positions = _prefill(
+        model, params, input_ids, mask, pixel_values, qformer_ids, qformer_mask, total
+    )
     seen = _seen_tokens(input_ids, mask, logits.shape[-1])
     if dc.num_beams == 1:
         return _greedy_or_sample(model, params, logits, cache, key_mask, positions, seen, rng, t, dc, stream)
@@ -169,8 +189,17 @@ def _search(params, input_ids, mask, pixel_values, qformer_ids, qformer_mask, rn
 def _greedy_or_sample(model, params, logits, cache, key_mask, positions, seen, rng, prompt_len, dc, stream):
     b = logits.shape[0]
     tokens = jnp.full((b, dc.max_new_tokens), dc.pad_token_id, jnp.int32)
-    state = dict(step=0, logits=logits, cache=cache, key_mask=key_mask, positions=positions, seen=seen, rng=rng,
-                 tokens=tokens, finished=jnp.zeros((b,), bool))
+    state = dict(
+        step=0,
+        logits=logits,
+        cache=cache,
+        key_mask=key_mask,
+        positions=positions,
+        seen=seen,
+        rng=rng,
+        tokens=tokens,
+        finished=jnp.zeros((b,), bool),
+    )
 
     def cond(s):
         return (s["step"] < dc.max_new_tokens) & ~jnp.all(s["finished"])
@@ -185,12 +214,20 @@ def _greedy_or_sample(model, params, logits, cache, key_mask, positions, seen, r
         nxt = jnp.where(s["finished"], dc.pad_token_id, nxt)
         if stream:
             jax.experimental.io_callback(_emit, None, nxt, ordered=True)
-        logits, cache, key_mask = _step(model, params, nxt, s["cache"], s["key_mask"], s["positions"],
-                                        prompt_len + s["step"])
-        return dict(step=s["step"] + 1, logits=logits, cache=cache, key_mask=key_mask, positions=s["positions"] + 1,
-                    seen=s["seen"].at[jnp.arange(b), nxt].set(True), rng=rng,
-                    tokens=s["tokens"].at[:, s["step"]].set(nxt),
-                    finished=s["finished"] | (nxt == dc.eos_token_id))
+        logits, cache, key_mask = _step(
+            model, params, nxt, s["cache"], s["key_mask"], s["positions"], prompt_len + s["step"]
+        )
+        return dict(
+            step=s["step"] + 1,
+            logits=logits,
+            cache=cache,
+            key_mask=key_mask,
+            positions=s["positions"] + 1,
+            seen=s["seen"].at[jnp.arange(b), nxt].set(True),
+            rng=rng,
+            tokens=s["tokens"].at[:, s["step"]].set(nxt),
+            finished=s["finished"] | (nxt == dc.eos_token_id),
+        )
 
     out = jax.lax.while_loop(cond, body, state)
     return out["tokens"], _lengths(out["tokens"], out["step"], dc)
@@ -210,11 +247,21 @@ def _beam(model, params, logits, cache, key_mask, positions, seen, prompt_len, d
     cache = jax.tree_util.tree_map(lambda c: jnp.repeat(c, k, axis=-4), cache)  # [(layers,) B, heads, S, D]
     scores0 = jnp.tile(jnp.array([0.0] + [NEG] * (k - 1), jnp.float32), (b, 1))
     state = dict(
-        step=0, logits=expand(logits), cache=cache, key_mask=expand(key_mask), positions=expand(positions),
-        seen=expand(seen), run_tokens=jnp.full((b, k, n), dc.pad_token_id, jnp.int32), run_scores=scores0,
-        fin_tokens=jnp.full((b, k, n), dc.pad_token_id, jnp.int32), fin_scores=jnp.full((b, k), NEG),
-        fin_lengths=jnp.zeros((b, k), jnp.int32), fin_flags=jnp.zeros((b, k), bool),
-        improvable=jnp.ones((b,), bool), go=jnp.array(True))
+        step=0,
+        logits=expand(logits),
+        cache=cache,
+        key_mask=expand(key_mask),
+        positions=expand(positions),
+        seen=expand(seen),
+        run_tokens=jnp.full((b, k, n), dc.pad_token_id, jnp.int32),
+        run_scores=scores0,
+        fin_tokens=jnp.full((b, k, n), dc.pad_token_id, jnp.int32),
+        fin_scores=jnp.full((b, k), NEG),
+        fin_lengths=jnp.zeros((b, k), jnp.int32),
+        fin_flags=jnp.zeros((b, k), bool),
+        improvable=jnp.ones((b,), bool),
+        go=jnp.array(True),
+    )
     first_k = jnp.arange(2 * k) < k
 
     def body(s):
@@ -256,12 +303,25 @@ def _beam(model, params, logits, cache, key_mask, positions, seen, prompt_len, d
         cache = jax.tree_util.tree_map(lambda c: jnp.take(c, rows, axis=-4), s["cache"])
         next_tokens = run_tokens[:, :, step].reshape(-1)
         seen = s["seen"][rows].at[jnp.arange(b * k), next_tokens].set(True)
-        logits, cache, key_mask = _step(model, params, next_tokens, cache, s["key_mask"][rows], s["positions"],
-                                        prompt_len + step)
-        return dict(step=step + 1, logits=logits, cache=cache, key_mask=key_mask, positions=s["positions"] + 1,
-                    seen=seen, run_tokens=run_tokens, run_scores=live_scores, fin_tokens=take(merged_tokens),
-                    fin_scores=fin_scores, fin_lengths=take(merged_lengths), fin_flags=fin_flags,
-                    improvable=improvable, go=go)
+        logits, cache, key_mask = _step(
+            model, params, next_tokens, cache, s["key_mask"][rows], s["positions"], prompt_len + step
+        )
+        return dict(
+            step=step + 1,
+            logits=logits,
+            cache=cache,
+            key_mask=key_mask,
+            positions=s["positions"] + 1,
+            seen=seen,
+            run_tokens=run_tokens,
+            run_scores=live_scores,
+            fin_tokens=take(merged_tokens),
+            fin_scores=fin_scores,
+            fin_lengths=take(merged_lengths),
+            fin_flags=fin_flags,
+            improvable=improvable,
+            go=go,
+        )
 
     out = jax.lax.while_loop(lambda s: s["go"], body, state)
     return out["fin_tokens"][:, 0], out["fin_lengths"][:, 0]
@@ -274,8 +334,18 @@ def decode_params(params):
     return {**params, "language_model": unroll_layers(llm)} if "layers" in llm else params
 
 
-def generate(params, cfg: ModelConfig, input_ids, attention_mask=None, pixel_values=None, qformer_ids=None,
-             qformer_mask=None, dc: DecodeConfig = DecodeConfig(), rng=None, on_token=None):
+def generate(
+    params,
+    cfg: ModelConfig,
+    input_ids,
+    attention_mask=None,
+    pixel_values=None,
+    qformer_ids=None,
+    qformer_mask=None,
+    dc: DecodeConfig = DecodeConfig(),
+    rng=None,
+    on_token=None,
+):
     """-> (tokens [B, max_new_tokens] int32, lengths [B]): the new tokens of each row; positions past a row's
     length hold pad_token_id. Prompts may be padded on either side (attention_mask marks valid tokens).
     on_token(id), for one prompt without beam search, is called with each token as the loop produces it.
@@ -286,15 +356,27 @@ def generate(params, cfg: ModelConfig, input_ids, attention_mask=None, pixel_val
     check_placeholders(ids, mask, 0 if pixel_values is None else np.shape(pixel_values)[1], cfg)
     check_inputs(ids, mask, pixel_values, qformer_ids, qformer_mask, cfg)
     if ids.shape[1] + dc.max_new_tokens > cfg.llm.max_position_embeddings:
-        raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({dc.max_new_tokens}) exceeds the "
-                         f"model's context of {cfg.llm.max_position_embeddings}")
+        raise ValueError(
+            f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({dc.max_new_tokens}) exceeds the "
+            f"model's context of {cfg.llm.max_position_embeddings}"
+        )
     if on_token is not None and (dc.num_beams > 1 or ids.shape[0] != 1):
         raise ValueError("streaming (on_token) needs one prompt and num_beams=1")
     rng = jax.random.key(0) if rng is None else rng
     _STREAM["on_token"] = on_token
     try:
-        tokens, lengths = _search(params, jnp.asarray(ids), jnp.asarray(mask), pixel_values, qformer_ids,
-                                  qformer_mask, rng, cfg=cfg, dc=dc, stream=on_token is not None)
+        tokens, lengths = _search(
+            params,
+            jnp.asarray(ids),
+            jnp.asarray(mask),
+            pixel_values,
+            qformer_ids,
+            qformer_mask,
+            rng,
+            cfg=cfg,
+            dc=dc,
+            stream=on_token is not None,
+        )
         return np.asarray(tokens), np.asarray(lengths)
     finally:
         _STREAM["on_token"] = None

@@ -6,6 +6,7 @@ checkpoints without a tokenizer; image placeholders are put in front when the id
 be a .npy of already-normalised pixels, so runs compare exactly with other implementations. --json also prints
 the generated token ids.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,9 @@ def raw_inputs(args, cfg, num_images: int) -> tuple[dict, DecodeConfig]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ziya_jax.generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ziya_jax.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cli.add_model_flags(parser)
     parser.add_argument("--image", action="append", default=[], help="image file or .npy pixels; repeatable")
     text = parser.add_mutually_exclusive_group(required=True)
@@ -65,18 +67,28 @@ def main(argv=None) -> int:
         dc = cli.decode_config(args, DecodeConfig())
         if args.prompt is not None:
             turn = formats.Turn(args.prompt, None)
-            batch = {k: v[None] for k, v in formats.prompt_input([turn], len(pixels), model.tok, model.qtok, cfg,
-                                                                 dc.max_new_tokens).items()}
+            batch = {
+                k: v[None]
+                for k, v in formats.prompt_input(
+                    [turn], len(pixels), model.tok, model.qtok, cfg, dc.max_new_tokens
+                ).items()
+            }
             dc = dataclasses.replace(dc, eos_token_id=model.tok.eos_id, pad_token_id=model.tok.pad_id)
         else:
             batch, ids_dc = raw_inputs(args, cfg, len(pixels))
             dc = dataclasses.replace(dc, eos_token_id=ids_dc.eos_token_id, pad_token_id=ids_dc.pad_token_id)
-        tokens, lengths = generate(model.params, cfg, pixel_values=np.stack(pixels)[None] if pixels else None,
-                                   dc=dc, rng=jax.random.key(args.seed), **batch)
+        tokens, lengths = generate(
+            model.params,
+            cfg,
+            pixel_values=np.stack(pixels)[None] if pixels else None,
+            dc=dc,
+            rng=jax.random.key(args.seed),
+            **batch,
+        )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    new = [int(t) for t in tokens[0, :lengths[0]]]
+    new = [int(t) for t in tokens[0, : lengths[0]]]
     answer = model.tok.decode([t for t in new if t != dc.eos_token_id]) if model.tok is not None else None
     if answer is not None:
         print(answer)

@@ -1,5 +1,6 @@
 """The one rule for files that data names (a checkpoint's shards, an annotation's images): they stay inside
 the folder that holds them."""
+
 from __future__ import annotations
 
 import os

@@ -13,6 +13,7 @@ LoRA adapters are merged into their kernels first, so the int8 kernel holds W + 
 config has no LoRA. Works on stacked and on decode_params' per-layer weights alike (either order; quantising first
 makes decode_params copy int8), and on abstract parameters under jax.eval_shape.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -80,6 +81,7 @@ def _int8(kernel):
 def shardings(float_shardings, quantized):
     """The shardings of quantize's output `quantized` (abstract is enough) from those of its input (NamedSharding
     leaves): kernels keep theirs, a kernel_scale takes its kernel's without the input axis (of size 1 there)."""
+
     def visit(sharding, node):
         if not isinstance(node, dict):
             return sharding

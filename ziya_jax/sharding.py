@@ -1,6 +1,7 @@
 """Meshes and logical-axis sharding. Model code names axes ('embed', 'heads', ...); the rules here (or a
 config's `rules`) map them to mesh axes (data, fsdp, tensor). Nothing is materialised unsharded:
 shapes come from jax.eval_shape and parameters are created by a jit whose out_shardings are the targets."""
+
 from __future__ import annotations
 
 import os
@@ -99,8 +100,10 @@ def _fill(what: str, shape: Sequence[int], count: int, unit: str = "devices") ->
 def rules_from_config(config) -> tuple:
     """The logical-axis rules of a config (`config.rules`, a list of (logical name, mesh axes)), else the
     defaults; every mesh axis named must exist."""
-    rules = tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
-                  for name, axes in config.get("rules", DEFAULT_RULES))
+    rules = tuple(
+        (name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+        for name, axes in config.get("rules", DEFAULT_RULES)
+    )
     for name, axes in rules:
         unknown = {a for a in (axes if isinstance(axes, tuple) else (axes,)) if a is not None} - set(MESH_AXES)
         if unknown:
@@ -142,8 +145,10 @@ def cache_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
 
 def global_batch(local_batch, mesh: Mesh, rules=DEFAULT_RULES):
     """Global arrays from this process's rows of the batch (each process feeds only its own shard)."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v), rules), np.asarray(v))
-            for k, v in local_batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v), rules), np.asarray(v))
+        for k, v in local_batch.items()
+    }
 
 
 def initialize_distributed(**kwargs) -> bool:

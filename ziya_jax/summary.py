@@ -1,6 +1,7 @@
 """python -m ziya_jax.summary --config configs/X.py[:arg] [--quantize int8]: parameter counts and sizes per model
 part, from jax.eval_shape (nothing is allocated, so the 14B configs print in seconds). --quantize int8 adds the weight
 bytes in bfloat16 and quantised to int8 (ziya_jax.quantize, from the bfloat16 weights)."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,8 @@ def weight_bytes(cfg: ModelConfig, mode: str) -> dict[str, dict[str, int]]:
 
     bf16 = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16 if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype),
-        nn.meta.unbox(abstract_params(cfg)))
+        nn.meta.unbox(abstract_params(cfg)),
+    )
     quantized, _ = quantize_abstract(bf16, cfg, mode)
     size = lambda tree: sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in _leaves(tree))
     return {name: {k: size(v) for k, v in tree.items()} for name, tree in (("bfloat16", bf16), (mode, quantized))}
@@ -41,8 +43,12 @@ def weight_bytes(cfg: ModelConfig, mode: str) -> dict[str, dict[str, int]]:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m ziya_jax.summary", description=__doc__)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--quantize", choices=("", "none", "int8"), default="",
-                        help="also print the weight bytes in bfloat16 and quantised this way")
+    parser.add_argument(
+        "--quantize",
+        choices=("", "none", "int8"),
+        default="",
+        help="also print the weight bytes in bfloat16 and quantised this way",
+    )
     args = parser.parse_args(argv)
     cfg = ModelConfig.from_dict(load_config(args.config).model.to_dict())
     counts = count_params(cfg)
@@ -55,12 +61,16 @@ def main(argv=None):
     rows = [(name, (name,)) for name, _ in sorted(counts.items(), key=lambda kv: -kv[1])]
     rows += [("vision side", VISION_SIDE), ("total", tuple(counts))]
     for name, parts in rows:
-        print(f"{name:<22}{sum(counts.get(k, 0) for k in parts):>16,}"
-              + "".join(f"{sum(b.get(k, 0) for k in parts) / 1e9:>18.2f}" for _, b in columns))
+        print(
+            f"{name:<22}{sum(counts.get(k, 0) for k in parts):>16,}"
+            + "".join(f"{sum(b.get(k, 0) for k in parts) / 1e9:>18.2f}" for _, b in columns)
+        )
     if mode:
         total = {name: sum(b.values()) for name, b in sizes.items()}
-        print(f"weight bytes {mode} / bfloat16: {total[mode] / total['bfloat16']:.1%} "
-              f"({total[mode]:,} / {total['bfloat16']:,})")
+        print(
+            f"weight bytes {mode} / bfloat16: {total[mode] / total['bfloat16']:.1%} "
+            f"({total[mode]:,} / {total['bfloat16']:,})"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Parameter trees as {path: leaf} maps, and regex selection of parameters by their '/'-joined path."""
+
 from __future__ import annotations
 
 import re

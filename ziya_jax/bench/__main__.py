@@ -1,4 +1,5 @@
 """python -m ziya_jax.bench {decode,train,data,agreement} [options]"""
+
 from __future__ import annotations
 
 import argparse
@@ -13,28 +14,55 @@ def main(argv=None) -> int:
     decode.add_argument("--new-tokens", type=int, default=64)
     decode.add_argument("--repeats", type=int, default=2, help="timed runs per row (best is reported)")
     decode.add_argument("--small", action="store_true", help="a tiny model, to check the benchmark itself quickly")
-    decode.add_argument("--profile", metavar="DIR", help="trace ziya_jax's greedy decoding (batch 1 and 8) on float32 "
-                        "and on int8 weights into DIR (jax.profiler, Perfetto JSON) and print where a token's time goes")
+    decode.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="trace ziya_jax's greedy decoding (batch 1 and 8) on float32 "
+        "and on int8 weights into DIR (jax.profiler, Perfetto JSON) and print where a token's time goes",
+    )
     train = sub.add_parser("train", help="stage-3 LoRA train step vs a PyTorch reference, and MFU")
     train.add_argument("--batch", type=int, default=8)
-    train.add_argument("--steps", type=int, default=3, help="timed steps per side, run back to back "
-                       "as a training loop runs them (their mean is reported)")
+    train.add_argument(
+        "--steps",
+        type=int,
+        default=3,
+        help="timed steps per side, run back to back as a training loop runs them (their mean is reported)",
+    )
     train.add_argument("--small", action="store_true", help="a tiny model, to check the benchmark itself quickly")
-    train.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                       help="compute dtype of both sides (weights and optimizer stay float32)")
-    train.add_argument("--frozen-dtype", choices=("", "bfloat16"), default="",
-                       help="store what does not train in bfloat16 on both sides (ziya_jax: train.frozen_dtype)")
-    train.add_argument("--scan-unroll", type=int, default=1, help="ziya_jax's model.scan_unroll (layers per loop "
-                       "iteration of each layer stack; 12 or more: no loops)")
-    train.add_argument("--profile", metavar="DIR", help="trace --steps more ziya_jax steps into DIR "
-                       "(jax.profiler, Perfetto JSON) and print each device timeline's busy time and top ops")
+    train.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="compute dtype of both sides (weights and optimizer stay float32)",
+    )
+    train.add_argument(
+        "--frozen-dtype",
+        choices=("", "bfloat16"),
+        default="",
+        help="store what does not train in bfloat16 on both sides (ziya_jax: train.frozen_dtype)",
+    )
+    train.add_argument(
+        "--scan-unroll",
+        type=int,
+        default=1,
+        help="ziya_jax's model.scan_unroll (layers per loop iteration of each layer stack; 12 or more: no loops)",
+    )
+    train.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="trace --steps more ziya_jax steps into DIR "
+        "(jax.profiler, Perfetto JSON) and print each device timeline's busy time and top ops",
+    )
     data = sub.add_parser("data", help="input pipeline examples/s vs the demo train step's consumption")
     data.add_argument("--config", default="configs/demo.py:stage=2")
     data.add_argument("--workers", type=int, default=2)
     data.add_argument("--batches", type=int, default=20)
     data.add_argument("--steps", type=int, default=5)
-    agree = sub.add_parser("agreement", help="generate and chat (subprocesses) against evaluate's answers to the "
-                           "synthetic test questions, on a trained model")
+    agree = sub.add_parser(
+        "agreement",
+        help="generate and chat (subprocesses) against evaluate's answers to the "
+        "synthetic test questions, on a trained model",
+    )
     agree.add_argument("--checkpoint", required=True)
     agree.add_argument("--tokenizer", help="tokenizer folder (default: CHECKPOINT/tokenizer)")
     agree.add_argument("--n", type=int, default=200, help="test images per language")
@@ -42,8 +70,10 @@ def main(argv=None) -> int:
     agree.add_argument("--quantize", choices=("int8",))
     args = parser.parse_args(argv)
     if args.name == "train" and args.frozen_dtype and args.dtype != "bfloat16":
-        parser.error("--frozen-dtype bfloat16 needs --dtype bfloat16 (without autocast PyTorch's layers would mix "
-                     "float32 inputs with bfloat16 weights)")
+        parser.error(
+            "--frozen-dtype bfloat16 needs --dtype bfloat16 (without autocast PyTorch's layers would mix "
+            "float32 inputs with bfloat16 weights)"
+        )
     # The train and decode benchmarks put ziya_jax and PyTorch on one accelerator: JAX must not take 75% of its
     # memory up front (set before jax is imported, which the benchmark modules do).
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

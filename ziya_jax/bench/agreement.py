@@ -6,6 +6,7 @@ predictions file names each question's test image); the images are written as PN
 question in one session (`/reset`, `/image`, the question), generate the first --generate-n of each language,
 one process each. Decoding is greedy with the same token budget everywhere. The last line is one JSON object.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,9 @@ from ziya_jax.evaluate.synthetic import max_new_tokens_for
 
 
 def _run(module: str, args: list[str], stdin: str | None = None) -> str:
-    done = subprocess.run([sys.executable, "-m", f"ziya_jax.{module}", *args], input=stdin, capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", f"ziya_jax.{module}", *args], input=stdin, capture_output=True, text=True
+    )
     if done.returncode:
         raise SystemExit(f"error: {module} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
     return done.stdout
@@ -53,9 +55,14 @@ def run(args) -> dict:
         greedy = ["--greedy", "--repetition-penalty", "1", "--max-new-tokens", budget]
         script = "".join(f"/reset\n/image {os.path.join(tmp, str(r['image']))}.png\n{r['question']}\n" for r in rows)
         chat = chat_answers(_run("chat", [*model, *greedy], stdin=script), len(rows))
-        picked = [r for lang in ("en", "zh") for r in [r for r in rows if r["lang"] == lang][:args.generate_n]]
-        generate = [_run("generate", [*model, *greedy, "--image", os.path.join(tmp, f"{r['image']}.png"),
-                                      "--prompt", r["question"]]).strip() for r in picked]
+        picked = [r for lang in ("en", "zh") for r in [r for r in rows if r["lang"] == lang][: args.generate_n]]
+        generate = [
+            _run(
+                "generate",
+                [*model, *greedy, "--image", os.path.join(tmp, f"{r['image']}.png"), "--prompt", r["question"]],
+            ).strip()
+            for r in picked
+        ]
     result = {"questions": len(rows), "checkpoint": args.checkpoint, "quantize": args.quantize or "none"}
     for lang in ("en", "zh"):
         mine = [(r, c) for r, c in zip(rows, chat) if r["lang"] == lang]

@@ -4,6 +4,7 @@ The pipeline (synthetic scenes rendered on the fly -> task formats -> tokens -> 
 with 0 and N worker processes; the train step is the demo config's (jitted, after compilation) on batches of the
 same shape. Target: the pipeline delivers >= 3x what the step consumes, so it is never the bottleneck.
 """
+
 from __future__ import annotations
 
 import functools
@@ -15,10 +16,17 @@ import jax
 import numpy as np
 
 from ziya_jax.config import ModelConfig, load_config
-from ziya_jax.data import (DataConfig, QFormerTokenizer, SentencePieceTokenizer, Source, SyntheticSource,
-                           instruction_batches, train_demo_tokenizers)
-from ziya_jax.train.loop import count_examples, data_config
+from ziya_jax.data import (
+    DataConfig,
+    QFormerTokenizer,
+    SentencePieceTokenizer,
+    Source,
+    SyntheticSource,
+    instruction_batches,
+    train_demo_tokenizers,
+)
 from ziya_jax.model import init_params
+from ziya_jax.train.loop import count_examples, data_config
 from ziya_jax.train.optimizer import logged_lr, make_optimizer
 from ziya_jax.train.step import Stage, init_state, train_step
 
@@ -46,8 +54,9 @@ def train_rate(config, batch, steps: int) -> float:
     stage = Stage.from_config(config.train)
     tx = make_optimizer(config.train.optimizer)
     state = init_state(init_params(cfg, jax.random.key(0)), stage, tx, jax.random.key(1))
-    step = jax.jit(functools.partial(train_step, cfg=cfg, stage=stage, tx=tx,
-                                     lr_schedule=logged_lr(config.train.optimizer)))
+    step = jax.jit(
+        functools.partial(train_step, cfg=cfg, stage=stage, tx=tx, lr_schedule=logged_lr(config.train.optimizer))
+    )
     batch = {k: v for k, v in batch.items() if k != "image_mask"}
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
@@ -70,14 +79,19 @@ def run(args) -> dict:
     rows = {}
     for workers in (0, args.workers):
         rows[f"pipeline, {workers} workers"] = pipeline_rate(
-            DataConfig(**{**cfg.__dict__, "num_workers": workers}), tok, qtok, args.batches)
+            DataConfig(**{**cfg.__dict__, "num_workers": workers}), tok, qtok, args.batches
+        )
     sample = next(all_tasks(cfg, tok, qtok))
     consumed = train_rate(config, {k: np.asarray(v) for k, v in sample.items()}, args.steps)
     print(f"{'':<26}{'examples/s':>12}{'x train step':>14}")
     for name, rate in rows.items():
         print(f"{name:<26}{rate:>12.1f}{rate / consumed:>14.2f}")
     print(f"{'train step consumes':<26}{consumed:>12.1f}")
-    result = {"pipeline_examples_s": rows, "train_step_examples_s": consumed,
-              "ratio_best_pipeline_to_train": max(rows.values()) / consumed, "config": args.config}
+    result = {
+        "pipeline_examples_s": rows,
+        "train_step_examples_s": consumed,
+        "ratio_best_pipeline_to_train": max(rows.values()) / consumed,
+        "config": args.config,
+    }
     print(json.dumps(result))
     return result

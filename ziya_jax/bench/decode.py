@@ -13,6 +13,7 @@ Then ziya_jax alone, float32 against int8 weights (ziya_jax.quantize), greedy ba
 tokens/s (prefill included) and the decoding step alone ((time for N tokens - time for 1) / (N - 1)).
 --profile DIR traces decoding a text prompt with each and prints where a token's time goes.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,14 +38,40 @@ def hf_model(small: bool):
 
     torch.manual_seed(0)
     w, layers, vocab, image = (64, 2, 512, 32) if small else (768, 12, 32000, 224)
-    vision = dict(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=layers, num_attention_heads=w // 64,
-                  image_size=image, patch_size=16, qkv_bias=True, layer_norm_eps=1e-6)
-    qformer = dict(hidden_size=w, num_hidden_layers=max(layers // 2, 1), num_attention_heads=w // 64,
-                   intermediate_size=4 * w, cross_attention_frequency=1, encoder_hidden_size=w)
-    text = LlamaConfig(hidden_size=w, intermediate_size=int(w * 8 / 3) // 64 * 64, num_hidden_layers=layers,
-                       num_attention_heads=w // 64, vocab_size=vocab, eos_token_id=2, bos_token_id=1)
-    config = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text.to_dict(), num_query_tokens=32,
-                         image_token_index=vocab - 1)
+    vision = dict(
+        hidden_size=w,
+        intermediate_size=4 * w,
+        num_hidden_layers=layers,
+        num_attention_heads=w // 64,
+        image_size=image,
+        patch_size=16,
+        qkv_bias=True,
+        layer_norm_eps=1e-6,
+    )
+    qformer = dict(
+        hidden_size=w,
+        num_hidden_layers=max(layers // 2, 1),
+        num_attention_heads=w // 64,
+        intermediate_size=4 * w,
+        cross_attention_frequency=1,
+        encoder_hidden_size=w,
+    )
+    text = LlamaConfig(
+        hidden_size=w,
+        intermediate_size=int(w * 8 / 3) // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=w // 64,
+        vocab_size=vocab,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
+    config = Blip2Config(
+        vision_config=vision,
+        qformer_config=qformer,
+        text_config=text.to_dict(),
+        num_query_tokens=32,
+        image_token_index=vocab - 1,
+    )
     model = Blip2ForConditionalGeneration(config).eval()
     with torch.no_grad():  # HF's init leaves the vision tower near zero; give every weight some scale
         for p in model.parameters():
@@ -95,21 +122,38 @@ def run(args) -> dict:
         t_ids, t_mask, t_pix = map(torch.from_numpy, (ids, mask, pixels))
 
         def ours(new_tokens):
-            dc = DecodeConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=beams, eos_token_id=2,
-                              pad_token_id=0)
+            dc = DecodeConfig(
+                max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=beams, eos_token_id=2, pad_token_id=0
+            )
             return generate(params, cfg, ids, mask, jnp.asarray(pixels.transpose(0, 2, 3, 1))[:, None], dc=dc)
 
         def theirs(new_tokens):
             with torch.no_grad():
-                return model.generate(pixel_values=t_pix, input_ids=t_ids, attention_mask=t_mask,
-                                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=beams,
-                                      do_sample=False, eos_token_id=2, pad_token_id=0)
+                return model.generate(
+                    pixel_values=t_pix,
+                    input_ids=t_ids,
+                    attention_mask=t_mask,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    num_beams=beams,
+                    do_sample=False,
+                    eos_token_id=2,
+                    pad_token_id=0,
+                )
 
         ours_s, ours_prefill_s = _best(lambda: ours(n), args.repeats), _best(lambda: ours(1), args.repeats)
         theirs_s = _best(lambda: theirs(n), args.repeats)
         tokens = batch * n
-        rows.append(dict(row=name, ziya_jax_tok_s=tokens / ours_s, transformers_tok_s=tokens / theirs_s,
-                         ratio=theirs_s / ours_s, ziya_jax_prefill_s=ours_prefill_s, transformers_s=theirs_s))
+        rows.append(
+            dict(
+                row=name,
+                ziya_jax_tok_s=tokens / ours_s,
+                transformers_tok_s=tokens / theirs_s,
+                ratio=theirs_s / ours_s,
+                ziya_jax_prefill_s=ours_prefill_s,
+                transformers_s=theirs_s,
+            )
+        )
 
     bandwidth = measure_bandwidth()
     read = count_params(cfg)["language_model"]  # per token: every LLM weight, of the embedding table one row
@@ -120,15 +164,26 @@ def run(args) -> dict:
         r["ceiling_ratio"] = r.pop("transformers_s") / (r["ziya_jax_prefill_s"] + (n - 1) / bound)
     print(f"{'row':<12}{'ziya_jax tok/s':>16}{'transformers tok/s':>20}{'ratio':>8}{'prefill s':>11}{'ceiling':>9}")
     for r in rows:
-        print(f"{r['row']:<12}{r['ziya_jax_tok_s']:>16.1f}{r['transformers_tok_s']:>20.1f}{r['ratio']:>8.2f}"
-              f"{r['ziya_jax_prefill_s']:>11.2f}{r['ceiling_ratio']:>9.2f}")
+        print(
+            f"{r['row']:<12}{r['ziya_jax_tok_s']:>16.1f}{r['transformers_tok_s']:>20.1f}{r['ratio']:>8.2f}"
+            f"{r['ziya_jax_prefill_s']:>11.2f}{r['ceiling_ratio']:>9.2f}"
+        )
     fraction = rows[0]["ziya_jax_tok_s"] / bound
-    print(f"measured bandwidth {bandwidth / 1e9:.1f} GB/s; LLM weights read {llm_bytes / 1e6:.0f} MB/token -> "
-          f"batch-1 bound {bound:.1f} tok/s; ziya_jax greedy b1 reaches {fraction:.0%} of it")
+    print(
+        f"measured bandwidth {bandwidth / 1e9:.1f} GB/s; LLM weights read {llm_bytes / 1e6:.0f} MB/token -> "
+        f"batch-1 bound {bound:.1f} tok/s; ziya_jax greedy b1 reaches {fraction:.0%} of it"
+    )
     int8 = int8_rows(params, cfg, n, args)
-    result = dict(rows=rows, int8_rows=int8, new_tokens=n, bandwidth_gb_s=bandwidth / 1e9,
-                  llm_mb_per_token=llm_bytes / 1e6, batch1_bound_tok_s=bound, batch1_fraction_of_bound=fraction,
-                  device=str(jax.devices()[0]))
+    result = dict(
+        rows=rows,
+        int8_rows=int8,
+        new_tokens=n,
+        bandwidth_gb_s=bandwidth / 1e9,
+        llm_mb_per_token=llm_bytes / 1e6,
+        batch1_bound_tok_s=bound,
+        batch1_fraction_of_bound=fraction,
+        device=str(jax.devices()[0]),
+    )
     print(json.dumps(result))
     return result
 
@@ -144,11 +199,22 @@ def int8_rows(params, cfg, n: int, args) -> list[dict]:
         pixels = jnp.asarray(rng.normal(size=(batch, 1, size, size, 3)).astype(np.float32))
         row = dict(row=f"greedy b{batch}")
         for name, p, c in (("float32", params, cfg), ("int8", qparams, qcfg)):
-            run = lambda k: generate(p, c, ids, np.ones_like(ids), pixels,
-                                     dc=DecodeConfig(max_new_tokens=k, min_new_tokens=k, eos_token_id=2))
+            run = lambda k: generate(
+                p,
+                c,
+                ids,
+                np.ones_like(ids),
+                pixels,
+                dc=DecodeConfig(max_new_tokens=k, min_new_tokens=k, eos_token_id=2),
+            )
             full, prefill = _best(lambda: run(n), args.repeats), _best(lambda: run(1), args.repeats)
-            row.update({f"{name}_tok_s": batch * n / full, f"{name}_step_ms": (full - prefill) / (n - 1) * 1e3,
-                        f"{name}_prefill_s": prefill})
+            row.update(
+                {
+                    f"{name}_tok_s": batch * n / full,
+                    f"{name}_step_ms": (full - prefill) / (n - 1) * 1e3,
+                    f"{name}_prefill_s": prefill,
+                }
+            )
             if args.profile:  # a text prompt: its prefill is small beside n steps
                 text = lambda: generate(p, c, ids[:, q:], dc=DecodeConfig(max_new_tokens=n, min_new_tokens=n))
                 text()
@@ -157,12 +223,16 @@ def int8_rows(params, cfg, n: int, args) -> list[dict]:
         row["tok_s_ratio"] = row["int8_tok_s"] / row["float32_tok_s"]
         row["step_ratio"] = row["float32_step_ms"] / row["int8_step_ms"]
         rows.append(row)
-    print(f"{'ziya_jax':<12}{'f32 tok/s':>11}{'int8 tok/s':>12}{'ratio':>7}{'f32 step ms':>13}{'int8 step ms':>14}"
-          f"{'ratio':>7}{'prefill s f32/int8':>20}")
+    print(
+        f"{'ziya_jax':<12}{'f32 tok/s':>11}{'int8 tok/s':>12}{'ratio':>7}{'f32 step ms':>13}{'int8 step ms':>14}"
+        f"{'ratio':>7}{'prefill s f32/int8':>20}"
+    )
     for r in rows:
-        print(f"{r['row']:<12}{r['float32_tok_s']:>11.1f}{r['int8_tok_s']:>12.1f}{r['tok_s_ratio']:>7.2f}"
-              f"{r['float32_step_ms']:>13.1f}{r['int8_step_ms']:>14.1f}{r['step_ratio']:>7.2f}"
-              f"{r['float32_prefill_s']:>11.2f}/{r['int8_prefill_s']:.2f}")
+        print(
+            f"{r['row']:<12}{r['float32_tok_s']:>11.1f}{r['int8_tok_s']:>12.1f}{r['tok_s_ratio']:>7.2f}"
+            f"{r['float32_step_ms']:>13.1f}{r['int8_step_ms']:>14.1f}{r['step_ratio']:>7.2f}"
+            f"{r['float32_prefill_s']:>11.2f}/{r['int8_prefill_s']:.2f}"
+        )
     for name, (summary, step_s) in traces.items():
         print(f"{name}, a 16-token text prompt and {n} new tokens (prefill included), per token:")
         print_device_time(summary, step_s)

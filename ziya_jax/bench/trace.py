@@ -5,6 +5,7 @@ are the processes named /device:... (one thread per GPU stream or TPU core line)
 events with an `hlo_op` argument on the host threads that ran them. A timeline's busy time per step against the
 step's wall time tells kernel-bound from launch-bound.
 """
+
 from __future__ import annotations
 
 import collections
@@ -33,10 +34,10 @@ def device_time(events: list[dict], steps: int, top: int = 15) -> dict:
     """Per step: each timeline's busy seconds (the union of its op events, which may nest: a CPU while loop holds
     its body's ops) and op count, the `top` (timeline, name) pairs by summed duration, and the `top` op kinds (an
     op's name without its numeric suffix: dot.12 and dot.40 are both dot) summed over all timelines."""
-    processes = {e["pid"]: e["args"]["name"] for e in events
-                 if e.get("ph") == "M" and e.get("name") == "process_name"}
-    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
-               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {
+        (e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
+    }
     spans, per_op, op_count = collections.defaultdict(list), collections.Counter(), collections.Counter()
     for e in events:
         on_device = processes.get(e.get("pid"), "").startswith("/device:")
@@ -51,12 +52,16 @@ def device_time(events: list[dict], steps: int, top: int = 15) -> dict:
         kind = re.sub(r"([._]\d+)+$", "", name)
         per_kind[kind] += s
         kind_count[kind] += op_count[timeline, name]
-    return {"timelines": {t: {"busy_s": _covered(spans[t]) * 1e-6 / steps, "events": len(spans[t]) / steps}
-                          for t in sorted(spans)},
-            "top": [{"timeline": t, "name": n, "s": s / steps, "calls": op_count[t, n] / steps}
-                    for (t, n), s in per_op.most_common(top)],
-            "kinds": [{"kind": k, "s": s / steps, "calls": kind_count[k] / steps}
-                      for k, s in per_kind.most_common(top)]}
+    return {
+        "timelines": {
+            t: {"busy_s": _covered(spans[t]) * 1e-6 / steps, "events": len(spans[t]) / steps} for t in sorted(spans)
+        },
+        "top": [
+            {"timeline": t, "name": n, "s": s / steps, "calls": op_count[t, n] / steps}
+            for (t, n), s in per_op.most_common(top)
+        ],
+        "kinds": [{"kind": k, "s": s / steps, "calls": kind_count[k] / steps} for k, s in per_kind.most_common(top)],
+    }
 
 
 def _covered(spans: list[tuple[float, float]]) -> float:

@@ -15,6 +15,7 @@ loss run them), waited for once, divided by --steps.
 MFU = the step's matmul FLOPs (counted from the traced program, remat included) / step time / a square matmul's
 FLOP/s in the compute dtype, measured in the same run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,10 @@ from ziya_jax.train.step import Stage, init_state, train_step
 from ziya_jax.tree import flatten, unflatten
 
 RANK, TEXT_LEN, ANSWER_LEN = 8, 32, 8
-LORA_TARGETS = (r"vision_model/layers/self_attn/(qkv|projection)",
-                r"language_model/layers/self_attn/(q_proj|k_proj|v_proj|o_proj)")
+LORA_TARGETS = (
+    r"vision_model/layers/self_attn/(qkv|projection)",
+    r"language_model/layers/self_attn/(q_proj|k_proj|v_proj|o_proj)",
+)
 TORCH_LORA = re.compile(r".*(vision_model\..*self_attn\.(qkv|projection)|language_model\..*self_attn\.[qkvo]_proj)$")
 TRAINABLE = ("qformer", "query_tokens", "language_projection", r".*/lora_[ab]")
 TORCH_TRAINABLE = re.compile(r"^(qformer\.|query_tokens|language_projection\.)|\.lora_[ab]$")
@@ -50,21 +53,29 @@ OPTIMIZER = dict(lr=1e-5, warmup_init_lr=1e-5, warmup_steps=0, total_steps=1000,
 def batch_arrays(cfg, batch: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     q = cfg.num_query_tokens
-    ids = np.concatenate([np.full((batch, q), cfg.image_token_id), rng.integers(3, cfg.image_token_id,
-                                                                                (batch, TEXT_LEN))], 1)
+    ids = np.concatenate(
+        [np.full((batch, q), cfg.image_token_id), rng.integers(3, cfg.image_token_id, (batch, TEXT_LEN))], 1
+    )
     loss_mask = np.zeros_like(ids)
     loss_mask[:, -ANSWER_LEN:] = 1
     size = cfg.vision.image_size
-    return dict(input_ids=ids.astype(np.int32), attention_mask=np.ones_like(ids, np.int32),
-                loss_mask=loss_mask.astype(np.int32),
-                pixel_values=rng.normal(size=(batch, 1, size, size, 3)).astype(np.float32))
+    return dict(
+        input_ids=ids.astype(np.int32),
+        attention_mask=np.ones_like(ids, np.int32),
+        loss_mask=loss_mask.astype(np.int32),
+        pixel_values=rng.normal(size=(batch, 1, size, size, 3)).astype(np.float32),
+    )
 
 
 def jax_step(params, cfg, batch: dict, args):
     """-> (seconds per step, FLOPs per step, first loss, device-time summary of args.steps more steps traced into
     args.profile, or None)."""
-    cfg = dataclasses.replace(cfg, dtype=args.dtype, scan_unroll=args.scan_unroll,
-                              lora=LoraConfig(rank=RANK, alpha=2.0 * RANK, dropout=0.0, targets=LORA_TARGETS))
+    cfg = dataclasses.replace(
+        cfg,
+        dtype=args.dtype,
+        scan_unroll=args.scan_unroll,
+        lora=LoraConfig(rank=RANK, alpha=2.0 * RANK, dropout=0.0, targets=LORA_TARGETS),
+    )
     fresh = flatten(init_params(cfg, jax.random.key(0)))  # the LoRA factors (B = 0); the rest comes from HF
     params = unflatten({**fresh, **flatten(params)})
     opt = default_optimizer(**OPTIMIZER)
@@ -86,8 +97,9 @@ def jax_step(params, cfg, batch: dict, args):
     start = time.perf_counter()
     run_steps(args.steps)
     seconds = (time.perf_counter() - start) / args.steps
-    summary = device_time(trace_events(lambda: run_steps(args.steps), args.profile), args.steps) \
-        if args.profile else None
+    summary = (
+        device_time(trace_events(lambda: run_steps(args.steps), args.profile), args.steps) if args.profile else None
+    )
     return seconds, flops, first, summary
 
 
@@ -103,18 +115,21 @@ def torch_step(model, batch: dict, args, device: str):
             p.data = p.data.to(getattr(torch, args.frozen_dtype))
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = default_optimizer(**OPTIMIZER)
-    adamw = torch.optim.AdamW(trainable, lr=opt.lr, betas=(opt.b1, opt.b2), eps=opt.eps,
-                              weight_decay=opt.weight_decay, fused=device == "cuda")
+    adamw = torch.optim.AdamW(
+        trainable, lr=opt.lr, betas=(opt.b1, opt.b2), eps=opt.eps, weight_decay=opt.weight_decay, fused=device == "cuda"
+    )
     model.train()
-    ids, mask, loss_mask = (torch.from_numpy(batch[k]).long().to(device)
-                            for k in ("input_ids", "attention_mask", "loss_mask"))
+    ids, mask, loss_mask = (
+        torch.from_numpy(batch[k]).long().to(device) for k in ("input_ids", "attention_mask", "loss_mask")
+    )
     pixels = torch.from_numpy(batch["pixel_values"][:, 0].transpose(0, 3, 1, 2).copy()).to(device)
 
     def one_step():
         with torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
             logits = model(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
-                                                   reduction="none")
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none"
+        )
         weights = loss_mask[:, 1:].flatten().float()
         loss = (losses * weights).sum() / weights.sum()
         adamw.zero_grad(set_to_none=True)
@@ -140,14 +155,13 @@ def add_torch_lora(model) -> None:
         def __init__(self, base: torch.nn.Linear):
             super().__init__()
             self.base = base
-            self.lora_a = torch.nn.Parameter(torch.randn(RANK, base.in_features) / base.in_features ** 0.5)
+            self.lora_a = torch.nn.Parameter(torch.randn(RANK, base.in_features) / base.in_features**0.5)
             self.lora_b = torch.nn.Parameter(torch.zeros(base.out_features, RANK))
 
         def forward(self, x):
             return self.base(x) + (x @ self.lora_a.T @ self.lora_b.T) * 2.0
 
-    targets = [name for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and TORCH_LORA.match(name)]
+    targets = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and TORCH_LORA.match(name)]
     if not targets:
         raise RuntimeError("no LoRA targets found in the transformers model; module names changed?")
     for name in targets:
@@ -175,18 +189,32 @@ def run(args) -> dict:
         print_device_time(profile, ours_s)
     print(f"first-step loss: ziya_jax {ours_loss:.5f}, PyTorch {theirs_loss:.5f} (same weights, LoRA B = 0)")
     print(f"step time: ziya_jax {ours_s * 1e3:.0f} ms, PyTorch {theirs_s * 1e3:.0f} ms -> {theirs_s / ours_s:.2f}x")
-    print(f"matmul FLOPs/step {flops / 1e9:.1f} G; measured {args.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s -> "
-          f"MFU {mfu:.1%}")
+    print(
+        f"matmul FLOPs/step {flops / 1e9:.1f} G; measured {args.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s -> "
+        f"MFU {mfu:.1%}"
+    )
     # Both sides do the same products, so PyTorch's step at the same FLOPs gives its MFU, and the step at the
     # measured peak bounds the speed-up any implementation could show here.
     pytorch_mfu, ceiling = flops / theirs_s / peak, theirs_s / (flops / peak)
     print(f"PyTorch's MFU on the same FLOPs {pytorch_mfu:.1%}; at 100% of the peak ziya_jax would be {ceiling:.2f}x")
-    result = dict(batch=args.batch, lora_rank=RANK, dtype=args.dtype, frozen_dtype=args.frozen_dtype,
-                  scan_unroll=args.scan_unroll,
-                  ziya_jax_step_s=ours_s, pytorch_step_s=theirs_s,
-                  speedup=theirs_s / ours_s, flops_per_step=flops, peak_flops=peak, mfu=mfu,
-                  pytorch_mfu=pytorch_mfu, ceiling_speedup=ceiling,
-                  first_loss_ziya_jax=ours_loss, first_loss_pytorch=theirs_loss,
-                  device=jax.devices()[0].device_kind, pytorch_device=torch_device)
+    result = dict(
+        batch=args.batch,
+        lora_rank=RANK,
+        dtype=args.dtype,
+        frozen_dtype=args.frozen_dtype,
+        scan_unroll=args.scan_unroll,
+        ziya_jax_step_s=ours_s,
+        pytorch_step_s=theirs_s,
+        speedup=theirs_s / ours_s,
+        flops_per_step=flops,
+        peak_flops=peak,
+        mfu=mfu,
+        pytorch_mfu=pytorch_mfu,
+        ceiling_speedup=ceiling,
+        first_loss_ziya_jax=ours_loss,
+        first_loss_pytorch=theirs_loss,
+        device=jax.devices()[0].device_kind,
+        pytorch_device=torch_device,
+    )
     print(json.dumps(result))
     return result

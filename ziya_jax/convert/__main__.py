@@ -1,4 +1,5 @@
 """python -m ziya_jax.convert {from-hf,to-hf} ...: Hugging Face checkpoints <-> ziya_jax Orbax checkpoints."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,7 @@ import sys
 
 
 def parse_size(text: str) -> int:
-    units = {"KB": 2 ** 10, "MB": 2 ** 20, "GB": 2 ** 30}
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
     for unit, factor in units.items():
         if text.upper().endswith(unit):
             return int(float(text[: -len(unit)]) * factor)
@@ -21,8 +22,11 @@ def main(argv=None) -> int:
     a.add_argument("--llm-dir", help="LlamaForCausalLM directory, when the LLM is kept apart (Ziya layout)")
     a.add_argument("--llm-delta-dir", help="Ziya-LLaMA delta weights; --llm-dir is then the base LLaMA")
     a.add_argument("--image-token-id", type=int, help="image placeholder id, if config.json lacks image_token_index")
-    a.add_argument("--allow-pickle", action="store_true",
-                   help="also read pytorch_model*.bin (torch.load(weights_only=True)); off by default")
+    a.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also read pytorch_model*.bin (torch.load(weights_only=True)); off by default",
+    )
     a.add_argument("--out", required=True, help="new ziya_jax checkpoint directory")
     b = sub.add_parser("to-hf", help="ziya_jax checkpoint -> HF directory (from_pretrained-ready)")
     b.add_argument("--checkpoint", required=True)
@@ -36,8 +40,7 @@ def main(argv=None) -> int:
 
     try:
         if args.command == "from-hf":
-            params, cfg = load_hf(args.hf_dir, args.llm_dir, args.llm_delta_dir, args.allow_pickle,
-                                  args.image_token_id)
+            params, cfg = load_hf(args.hf_dir, args.llm_dir, args.llm_delta_dir, args.allow_pickle, args.image_token_id)
             save_model(args.out, params, cfg)
             print(f"wrote {args.out} ({cfg.variant} model)")
         else:

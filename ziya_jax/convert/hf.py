@@ -5,9 +5,10 @@ LlamaForCausalLM language model, and 'llama' (a bare LlamaForCausalLM). ziya_jax
 so a name maps mechanically: '/' -> '.', the stacked layer axis -> one tensor per layer, kernel [in, out] ->
 weight [out, in], scale/embedding -> weight.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 
@@ -15,8 +16,15 @@ from ziya_jax.config import LlamaConfig, ModelConfig, QFormerConfig, VisionConfi
 from ziya_jax.tree import flatten, matches, unflatten
 
 # ziya_jax parameters with no counterpart in a generation checkpoint of transformers.
-PRETRAIN_ONLY = ("vision_proj", "text_proj", "itm_head", "temp", "qformer/lm_transform", "qformer/lm_layernorm",
-                 "qformer/lm_bias")
+PRETRAIN_ONLY = (
+    "vision_proj",
+    "text_proj",
+    "itm_head",
+    "temp",
+    "qformer/lm_transform",
+    "qformer/lm_layernorm",
+    "qformer/lm_bias",
+)
 
 
 # Blip2ForConditionalGeneration's Q-Former has no text branch.
@@ -48,15 +56,16 @@ def hf_names(path: tuple[str, ...], cfg: ModelConfig, target: str) -> list[str] 
     top, rest, leaf = path[0], list(path[1:-1]), _leaf_name(path[-1])
     if top == "vision_model":
         if rest[0] == "layers":
-            return [".".join(["vision_model.encoder.layers", str(i), *rest[1:], leaf])
-                    for i in range(cfg.vision.depth)]
+            return [".".join(["vision_model.encoder.layers", str(i), *rest[1:], leaf]) for i in range(cfg.vision.depth)]
         return ".".join(["vision_model", *rest, leaf])
     if top == "qformer":
         if rest[0] == "layer":
             f = cfg.qformer.cross_attention_frequency
             j = int(rest[1].removeprefix("layer_"))
-            return [".".join(["qformer.encoder.layer", str(g * f + j), *rest[2:], leaf])
-                    for g in range(cfg.qformer.depth // f)]
+            return [
+                ".".join(["qformer.encoder.layer", str(g * f + j), *rest[2:], leaf])
+                for g in range(cfg.qformer.depth // f)
+            ]
         if rest[0] == "layernorm" and target == "blip2":
             return f"qformer.layernorm.{leaf}"
         return ".".join(["qformer.embeddings", *rest, leaf])
@@ -140,8 +149,11 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], abstract: Mapping, cfg: Mode
     expected = expected_hf_shapes(abstract, cfg, target)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    misshaped = sorted(f"{n}: got {tuple(tensors[n].shape)}, config wants {expected[n]}"
-                       for n in set(expected) & set(tensors) if tuple(tensors[n].shape) != expected[n])
+    misshaped = sorted(
+        f"{n}: got {tuple(tensors[n].shape)}, config wants {expected[n]}"
+        for n in set(expected) & set(tensors)
+        if tuple(tensors[n].shape) != expected[n]
+    )
     if missing or unexpected or misshaped:
         lines = [f"{len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped tensors"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
@@ -162,6 +174,7 @@ def hf_to_params(tensors: Mapping[str, np.ndarray], abstract: Mapping, cfg: Mode
 
 # ---------------------------------------------------------------- configs
 
+
 def _check(value, allowed, what):
     if value not in allowed:
         raise ConversionError(f"{what}={value!r} is not supported (supported: {allowed})")
@@ -177,15 +190,21 @@ def llama_config_from_hf(d: Mapping) -> LlamaConfig:
         raise ConversionError("LLaMA with attention_bias/mlp_bias is not supported")
     heads = d["num_attention_heads"]
     return LlamaConfig(
-        vocab_size=d["vocab_size"], width=d["hidden_size"], depth=d["num_hidden_layers"], num_heads=heads,
+        vocab_size=d["vocab_size"],
+        width=d["hidden_size"],
+        depth=d["num_hidden_layers"],
+        num_heads=heads,
         num_kv_heads=d.get("num_key_value_heads") or heads,
-        head_dim=d.get("head_dim") or d["hidden_size"] // heads, mlp_dim=d["intermediate_size"],
-        rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
+        head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+        mlp_dim=d["intermediate_size"],
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
         tie_word_embeddings=d.get("tie_word_embeddings", False),
         max_position_embeddings=d.get("max_position_embeddings", 2048),
         bos_token_id=d.get("bos_token_id") if d.get("bos_token_id") is not None else 1,
         eos_token_id=_first(d.get("eos_token_id", 2)),
-        pad_token_id=d.get("pad_token_id") if d.get("pad_token_id") is not None else 0)
+        pad_token_id=d.get("pad_token_id") if d.get("pad_token_id") is not None else 0,
+    )
 
 
 def _first(x):
@@ -206,50 +225,101 @@ def model_config_from_hf(d: Mapping, text_config: Mapping | None = None) -> Mode
     chat = d["model_type"] == "instructblip"
     if d.get("image_token_index") is None:
         raise ConversionError("config.json has no image_token_index; set it to the LLM's image placeholder id")
-    vision = VisionConfig(image_size=v["image_size"], patch_size=v["patch_size"], width=v["hidden_size"],
-                          depth=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
-                          mlp_dim=v["intermediate_size"], layer_norm_eps=v.get("layer_norm_eps", 1e-6))
+    vision = VisionConfig(
+        image_size=v["image_size"],
+        patch_size=v["patch_size"],
+        width=v["hidden_size"],
+        depth=v["num_hidden_layers"],
+        num_heads=v["num_attention_heads"],
+        mlp_dim=v["intermediate_size"],
+        layer_norm_eps=v.get("layer_norm_eps", 1e-6),
+    )
     if q.get("encoder_hidden_size", vision.width) != vision.width:
-        raise ConversionError(f"qformer_config.encoder_hidden_size={q['encoder_hidden_size']} != vision width "
-                              f"{vision.width}")
-    qformer = QFormerConfig(width=q["hidden_size"], depth=q["num_hidden_layers"], num_heads=q["num_attention_heads"],
-                            mlp_dim=q["intermediate_size"],
-                            cross_attention_frequency=q.get("cross_attention_frequency", 2),
-                            layer_norm_eps=q.get("layer_norm_eps", 1e-12), dropout=q.get("hidden_dropout_prob", 0.1),
-                            text_branch=chat, vocab_size=q.get("vocab_size", 30522),
-                            max_position_embeddings=q.get("max_position_embeddings", 512))
+        raise ConversionError(
+            f"qformer_config.encoder_hidden_size={q['encoder_hidden_size']} != vision width {vision.width}"
+        )
+    qformer = QFormerConfig(
+        width=q["hidden_size"],
+        depth=q["num_hidden_layers"],
+        num_heads=q["num_attention_heads"],
+        mlp_dim=q["intermediate_size"],
+        cross_attention_frequency=q.get("cross_attention_frequency", 2),
+        layer_norm_eps=q.get("layer_norm_eps", 1e-12),
+        dropout=q.get("hidden_dropout_prob", 0.1),
+        text_branch=chat,
+        vocab_size=q.get("vocab_size", 30522),
+        max_position_embeddings=q.get("max_position_embeddings", 512),
+    )
     # HF configs do not record the instruction length; InstructBLIP reads 128 tokens, if the Q-Former has them.
-    return ModelConfig(variant="chat" if chat else "base", vision=vision, qformer=qformer,
-                       llm=llama_config_from_hf(text), num_query_tokens=d.get("num_query_tokens", 32),
-                       image_token_id=d["image_token_index"],
-                       instruction_len=min(ModelConfig.instruction_len, qformer.max_position_embeddings))
+    return ModelConfig(
+        variant="chat" if chat else "base",
+        vision=vision,
+        qformer=qformer,
+        llm=llama_config_from_hf(text),
+        num_query_tokens=d.get("num_query_tokens", 32),
+        image_token_id=d["image_token_index"],
+        instruction_len=min(ModelConfig.instruction_len, qformer.max_position_embeddings),
+    )
 
 
 def llama_config_to_hf(c: LlamaConfig) -> dict:
-    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": c.vocab_size,
-            "hidden_size": c.width, "num_hidden_layers": c.depth, "num_attention_heads": c.num_heads,
-            "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "intermediate_size": c.mlp_dim,
-            "rms_norm_eps": c.rms_norm_eps, "hidden_act": "silu",
-            "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-            "tie_word_embeddings": c.tie_word_embeddings, "max_position_embeddings": c.max_position_embeddings,
-            "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
-            "attention_bias": False, "mlp_bias": False}
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.width,
+        "num_hidden_layers": c.depth,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "intermediate_size": c.mlp_dim,
+        "rms_norm_eps": c.rms_norm_eps,
+        "hidden_act": "silu",
+        "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "max_position_embeddings": c.max_position_embeddings,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": c.eos_token_id,
+        "pad_token_id": c.pad_token_id,
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
 
 
 def model_config_to_hf(cfg: ModelConfig) -> dict:
     chat = cfg.variant == "chat"
     v, q = cfg.vision, cfg.qformer
-    qformer = {"hidden_size": q.width, "num_hidden_layers": q.depth, "num_attention_heads": q.num_heads,
-               "intermediate_size": q.mlp_dim, "cross_attention_frequency": q.cross_attention_frequency,
-               "encoder_hidden_size": v.width, "layer_norm_eps": q.layer_norm_eps, "hidden_act": "gelu",
-               "hidden_dropout_prob": q.dropout, "attention_probs_dropout_prob": q.dropout,
-               "vocab_size": q.vocab_size, "max_position_embeddings": q.max_position_embeddings}
-    return {"model_type": "instructblip" if chat else "blip-2",
-            "architectures": ["InstructBlipForConditionalGeneration" if chat else "Blip2ForConditionalGeneration"],
-            "num_query_tokens": cfg.num_query_tokens, "image_token_index": cfg.image_token_id,
-            "use_decoder_only_language_model": True,
-            "vision_config": {"image_size": v.image_size, "patch_size": v.patch_size, "hidden_size": v.width,
-                              "num_hidden_layers": v.depth, "num_attention_heads": v.num_heads,
-                              "intermediate_size": v.mlp_dim, "layer_norm_eps": v.layer_norm_eps,
-                              "hidden_act": "gelu", "qkv_bias": True},
-            "qformer_config": qformer, "text_config": llama_config_to_hf(cfg.llm)}
+    qformer = {
+        "hidden_size": q.width,
+        "num_hidden_layers": q.depth,
+        "num_attention_heads": q.num_heads,
+        "intermediate_size": q.mlp_dim,
+        "cross_attention_frequency": q.cross_attention_frequency,
+        "encoder_hidden_size": v.width,
+        "layer_norm_eps": q.layer_norm_eps,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": q.dropout,
+        "attention_probs_dropout_prob": q.dropout,
+        "vocab_size": q.vocab_size,
+        "max_position_embeddings": q.max_position_embeddings,
+    }
+    return {
+        "model_type": "instructblip" if chat else "blip-2",
+        "architectures": ["InstructBlipForConditionalGeneration" if chat else "Blip2ForConditionalGeneration"],
+        "num_query_tokens": cfg.num_query_tokens,
+        "image_token_index": cfg.image_token_id,
+        "use_decoder_only_language_model": True,
+        "vision_config": {
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "hidden_size": v.width,
+            "num_hidden_layers": v.depth,
+            "num_attention_heads": v.num_heads,
+            "intermediate_size": v.mlp_dim,
+            "layer_norm_eps": v.layer_norm_eps,
+            "hidden_act": "gelu",
+            "qkv_bias": True,
+        },
+        "qformer_config": qformer,
+        "text_config": llama_config_to_hf(cfg.llm),
+    }

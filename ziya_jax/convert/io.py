@@ -1,4 +1,5 @@
 """Reading and writing Hugging Face weight directories (safetensors, optionally sharded with an index)."""
+
 from __future__ import annotations
 
 import glob
@@ -72,9 +73,11 @@ def read_tensors(directory: str, allow_pickle: bool = False) -> dict[str, np.nda
     if not pickles:
         raise ConversionError(f"no *.safetensors (or *.bin) weights in {directory}")
     if not allow_pickle:
-        raise ConversionError(f"{directory} holds only pickle weights ({', '.join(map(os.path.basename, pickles))}); "
-                              "pickles can run code when loaded. Convert them to safetensors, or pass "
-                              "--allow-pickle to read them with torch.load(weights_only=True).")
+        raise ConversionError(
+            f"{directory} holds only pickle weights ({', '.join(map(os.path.basename, pickles))}); "
+            "pickles can run code when loaded. Convert them to safetensors, or pass "
+            "--allow-pickle to read them with torch.load(weights_only=True)."
+        )
     import torch  # only for this explicitly requested path
 
     tensors = {}
@@ -83,8 +86,9 @@ def read_tensors(directory: str, allow_pickle: bool = False) -> dict[str, np.nda
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch raises many kinds (UnpicklingError, RuntimeError, EOFError)
             first_line = (str(e).strip().splitlines() or [""])[0]
-            raise ConversionError(f"{path}: torch.load(weights_only=True) cannot read it: {type(e).__name__}: "
-                                  f"{first_line}") from None
+            raise ConversionError(
+                f"{path}: torch.load(weights_only=True) cannot read it: {type(e).__name__}: {first_line}"
+            ) from None
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ConversionError(f"{path} does not hold a state dict (names -> tensors)")
         tensors.update({k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()})
@@ -98,8 +102,9 @@ def _shards(index: str, directory: str) -> list[str]:
     weight_map = content.get("weight_map") if isinstance(content, dict) else None
     if not isinstance(weight_map, dict):
         raise ConversionError(f"{index}: no weight_map object")
-    return sorted({_file_in(directory, name, f"{index}: weight_map[{key!r}] = {name!r}")
-                   for key, name in weight_map.items()})
+    return sorted(
+        {_file_in(directory, name, f"{index}: weight_map[{key!r}] = {name!r}") for key, name in weight_map.items()}
+    )
 
 
 def _listed(directory: str, pattern: str) -> list[str]:
@@ -132,8 +137,9 @@ def apply_llama_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.nda
     return out
 
 
-def write_hf_dir(directory: str, tensors: Mapping[str, np.ndarray], config: dict,
-                 max_shard_bytes: int = 5 * 2 ** 30) -> None:
+def write_hf_dir(
+    directory: str, tensors: Mapping[str, np.ndarray], config: dict, max_shard_bytes: int = 5 * 2**30
+) -> None:
     """config.json + safetensors (sharded with an index beyond max_shard_bytes), written to the hidden
     `.tmp-NAME` beside the directory first and moved into place, so a failure leaves nothing half-written; one
     that a killed run left behind is removed first."""

@@ -1,4 +1,5 @@
 """python -m ziya_jax.data {tokenizers, synthetic, manifest} ...: build the demo tokenizers and TFDS data sets."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,15 +26,26 @@ def main(argv=None) -> int:
     man.add_argument("--data-dir", required=True)
     man.add_argument("--name", required=True, help="config name: the data set is llava_manifest/NAME")
     man.add_argument("--split", action="append", required=True, metavar="SPLIT=FILE")
-    man.add_argument("--image-dir", default="",
-                     help="image paths are relative to this (default: the manifest's folder)")
+    man.add_argument(
+        "--image-dir", default="", help="image paths are relative to this (default: the manifest's folder)"
+    )
     man.add_argument("--strict", action="store_true", help="fail on a missing image or bad entry")
-    man.add_argument("--allow-any-image-path", action="store_true",
-                     help="let image paths lead out of the image folder (absolute, .., symlinks); off by default")
-    man.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_BYTES,
-                     help="image files above this size are left out unread (default %(default)s)")
-    man.add_argument("--overwrite", action="store_true",
-                     help="rebuild NAME if it exists (a build from other inputs is otherwise refused)")
+    man.add_argument(
+        "--allow-any-image-path",
+        action="store_true",
+        help="let image paths lead out of the image folder (absolute, .., symlinks); off by default",
+    )
+    man.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=DEFAULT_MAX_BYTES,
+        help="image files above this size are left out unread (default %(default)s)",
+    )
+    man.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="rebuild NAME if it exists (a build from other inputs is otherwise refused)",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "tokenizers":
@@ -45,22 +57,37 @@ def main(argv=None) -> int:
     from ziya_jax.data import tfds_builders
 
     if args.command == "synthetic":
-        config = tfds_builders.SyntheticConfig(name=f"{args.image_size}px_seed{args.seed}_{args.train}",
-                                               image_size=args.image_size, seed=args.seed, train=args.train,
-                                               validation=args.validation, test=args.test)
+        config = tfds_builders.SyntheticConfig(
+            name=f"{args.image_size}px_seed{args.seed}_{args.train}",
+            image_size=args.image_size,
+            seed=args.seed,
+            train=args.train,
+            validation=args.validation,
+            test=args.test,
+        )
         builder = tfds_builders.build_synthetic(args.data_dir, config)
     else:
         splits = dict(s.split("=", 1) for s in args.split)
         if any(not v for v in splits.values()) or len(splits) != len(args.split):
             parser.error(f"--split wants distinct SPLIT=FILE pairs, got {args.split}")
         try:
-            builder = tfds_builders.build_manifest(args.data_dir, args.name, splits, args.image_dir, args.strict,
-                                                   args.allow_any_image_path, args.max_image_bytes, args.overwrite)
+            builder = tfds_builders.build_manifest(
+                args.data_dir,
+                args.name,
+                splits,
+                args.image_dir,
+                args.strict,
+                args.allow_any_image_path,
+                args.max_image_bytes,
+                args.overwrite,
+            )
         except (ValueError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    print(f"{builder.name}/{builder.builder_config.name} in {builder.data_dir}: "
-          + ", ".join(f"{k} {v.num_examples}" for k, v in builder.info.splits.items()))
+    print(
+        f"{builder.name}/{builder.builder_config.name} in {builder.data_dir}: "
+        + ", ".join(f"{k} {v.num_examples}" for k, v in builder.info.splits.items())
+    )
     return 0
 
 

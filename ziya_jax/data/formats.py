@@ -17,6 +17,7 @@ An optional "lang" ("en"/"zh") picks the prompt language; without it Chinese tex
 Boxes are written as `[x1,y1,x2,y2]`: integers 0..999, the pixel coordinate divided by the image width
 (x) or height (y), times 1000, floored, clipped to 999.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,8 +69,12 @@ def normalize_box(box: Sequence[float], width: float, height: float) -> tuple[in
 
 def box_to_text(box: Sequence[int]) -> str:
     """A normalised box as text; rejects anything that is not 4 ordered ints in 0..999."""
-    if (len(box) != 4 or not all(isinstance(v, (int, np.integer)) and 0 <= v < BOX_BINS for v in box)
-            or box[0] > box[2] or box[1] > box[3]):
+    if (
+        len(box) != 4
+        or not all(isinstance(v, (int, np.integer)) and 0 <= v < BOX_BINS for v in box)
+        or box[0] > box[2]
+        or box[1] > box[3]
+    ):
         raise errors.BadSample(errors.BAD_ANNOTATION, f"box {list(box)} is not [x1,y1,x2,y2] with ints 0..999")
     return "[{},{},{},{}]".format(*(int(v) for v in box))
 
@@ -119,8 +124,10 @@ def conversation(task: str, ann: Mapping) -> Conversation:
 
 def _llava_conversation(messages) -> Conversation:
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
-        raise errors.BadSample(errors.EMPTY_TEXT if not messages else errors.BAD_ANNOTATION,
-                               f"conversations must be a non-empty list, got {messages!r:.80}")
+        raise errors.BadSample(
+            errors.EMPTY_TEXT if not messages else errors.BAD_ANNOTATION,
+            f"conversations must be a non-empty list, got {messages!r:.80}",
+        )
     if len(messages) % 2:
         raise errors.BadSample(errors.BAD_ANNOTATION, f"{len(messages)} messages; want human/gpt pairs")
     turns = []
@@ -128,8 +135,9 @@ def _llava_conversation(messages) -> Conversation:
         q, a = messages[i], messages[i + 1]
         roles = (q.get("from") if isinstance(q, Mapping) else None, a.get("from") if isinstance(a, Mapping) else None)
         if roles[0] not in _HUMAN_ROLES or roles[1] not in _BOT_ROLES:
-            raise errors.BadSample(errors.BAD_ANNOTATION, f"messages {i},{i + 1} have roles {roles}; "
-                                   f"want human then gpt")
+            raise errors.BadSample(
+                errors.BAD_ANNOTATION, f"messages {i},{i + 1} have roles {roles}; want human then gpt"
+            )
         if not isinstance(q.get("value"), str) or not isinstance(a.get("value"), str):
             raise errors.BadSample(errors.BAD_ANNOTATION, f"messages {i},{i + 1}: 'value' must be strings")
         turns.append(Turn(q["value"], a["value"]))
@@ -141,8 +149,10 @@ def place_images(conv: Conversation, num_images: int) -> Conversation:
     the rest. More placeholders than images, or one in an answer, is a mismatch."""
     found = conv.prefix.count(IMAGE) + sum(t.query.count(IMAGE) + (t.answer or "").count(IMAGE) for t in conv.turns)
     if any(IMAGE in (t.answer or "") for t in conv.turns) or found > num_images:
-        raise errors.BadSample(errors.IMAGE_COUNT_MISMATCH,
-                               f"{found} {IMAGE} placeholders (answers must have none) for {num_images} images")
+        raise errors.BadSample(
+            errors.IMAGE_COUNT_MISMATCH,
+            f"{found} {IMAGE} placeholders (answers must have none) for {num_images} images",
+        )
     return dataclasses.replace(conv, prefix=IMAGE * (num_images - found) + conv.prefix)
 
 
@@ -181,8 +191,11 @@ def _encode(conv: Conversation, tok, max_len: int, image_token_id: int, num_quer
         answer = [] if is_open else _segment(turn.answer, tok, image_ids, image_token_id) + [tok.eos_id]
         if len(ids) + len(prompt) + len(answer) > max_len:
             if n == 0 or is_open:
-                raise errors.BadSample(errors.TEXT_TOO_LONG, f"{'the question' if is_open else 'the first turn'} "
-                                       f"needs {len(ids) + len(prompt) + len(answer)} > {max_len} tokens")
+                raise errors.BadSample(
+                    errors.TEXT_TOO_LONG,
+                    f"{'the question' if is_open else 'the first turn'} "
+                    f"needs {len(ids) + len(prompt) + len(answer)} > {max_len} tokens",
+                )
             break
         ids += prompt + answer
         mask += [0] * len(prompt) + [1] * len(answer)
@@ -191,8 +204,9 @@ def _encode(conv: Conversation, tok, max_len: int, image_token_id: int, num_quer
     return ids, mask, images, kept
 
 
-def encode_conversation(conv: Conversation, tok, max_len: int, image_token_id: int,
-                        num_query_tokens: int) -> tuple[dict[str, np.ndarray], int]:
+def encode_conversation(
+    conv: Conversation, tok, max_len: int, image_token_id: int, num_query_tokens: int
+) -> tuple[dict[str, np.ndarray], int]:
     """-> ({input_ids, attention_mask, loss_mask} int32 [max_len], images used).
 
     loss_mask is 1 on answer tokens and their EOS. Turns that do not fit are dropped from the end (with the
@@ -205,13 +219,25 @@ def encode_conversation(conv: Conversation, tok, max_len: int, image_token_id: i
 
 def _padded(ids: list[int], mask: list[int], length: int, pad_id: int) -> dict[str, np.ndarray]:
     pad = length - len(ids)
-    return {"input_ids": np.array(ids + [pad_id] * pad, np.int32),
-            "attention_mask": np.array([1] * len(ids) + [0] * pad, np.int32),
-            "loss_mask": np.array(mask + [0] * pad, np.int32)}
+    return {
+        "input_ids": np.array(ids + [pad_id] * pad, np.int32),
+        "attention_mask": np.array([1] * len(ids) + [0] * pad, np.int32),
+        "loss_mask": np.array(mask + [0] * pad, np.int32),
+    }
 
 
-def model_input(conv: Conversation, num_images: int, tok, qformer_tok, *, max_len: int, image_token_id: int,
-                num_query_tokens: int, instruction_len: int, pad: bool = True) -> tuple[dict[str, np.ndarray], int]:
+def model_input(
+    conv: Conversation,
+    num_images: int,
+    tok,
+    qformer_tok,
+    *,
+    max_len: int,
+    image_token_id: int,
+    num_query_tokens: int,
+    instruction_len: int,
+    pad: bool = True,
+) -> tuple[dict[str, np.ndarray], int]:
     """The one way a conversation becomes model input, for training data and every inference path alike:
     images placed (`place_images`), the turns that fit encoded (`encode_conversation`), and for a Chat model
     (instruction_len > 0) the Q-Former instruction of those turns (`instruction`, left-truncated).
@@ -223,8 +249,9 @@ def model_input(conv: Conversation, num_images: int, tok, qformer_tok, *, max_le
     if instruction_len:
         if qformer_tok is None:
             raise ValueError("a Chat model needs the Q-Former tokenizer (qformer.model or vocab.txt)")
-        q = encode_qformer_text(instruction(dataclasses.replace(conv, turns=conv.turns[:kept])), qformer_tok,
-                                instruction_len)
+        q = encode_qformer_text(
+            instruction(dataclasses.replace(conv, turns=conv.turns[:kept])), qformer_tok, instruction_len
+        )
         arrays["qformer_ids"], arrays["qformer_mask"] = q["ids"], q["mask"]
     return arrays, images
 
@@ -237,30 +264,45 @@ def encode_qformer_text(text: str, qtok, max_len: int, truncate: str = "left") -
     body = qtok.encode(text)
     keep = max_len - 2
     if len(body) > keep:
-        body = body[len(body) - keep:] if truncate == "left" else body[:keep]
+        body = body[len(body) - keep :] if truncate == "left" else body[:keep]
     ids = [qtok.cls_id, *body, qtok.sep_id]
     pad = max_len - len(ids)
-    return {"ids": np.array(ids + [qtok.pad_id] * pad, np.int32),
-            "mask": np.array([1] * len(ids) + [0] * pad, np.int32)}
+    return {
+        "ids": np.array(ids + [qtok.pad_id] * pad, np.int32),
+        "mask": np.array([1] * len(ids) + [0] * pad, np.int32),
+    }
 
 
 class PromptTooLong(ValueError):
     """A prompt that does not fit in the model's context with the tokens to generate."""
 
 
-def prompt_input(turns: Sequence[Turn], num_images: int, tok, qformer_tok, cfg,
-                 max_new_tokens: int) -> dict[str, np.ndarray]:
+def prompt_input(
+    turns: Sequence[Turn], num_images: int, tok, qformer_tok, cfg, max_new_tokens: int
+) -> dict[str, np.ndarray]:
     """What a model (cfg: its ModelConfig) reads to answer the last turn (answer None) of a conversation:
     `model_input` unpadded, with max_new_tokens of the LLM's context left free. -> {input_ids, attention_mask
     [, qformer_ids, qformer_mask]}, each [T]. Raises PromptTooLong, or ValueError for other bad input."""
     context = cfg.llm.max_position_embeddings - max_new_tokens
     try:
-        arrays, _ = model_input(Conversation(tuple(turns)), num_images, tok, qformer_tok, max_len=context,
-                                image_token_id=cfg.image_token_id, num_query_tokens=cfg.num_query_tokens,
-                                instruction_len=cfg.instruction_len if cfg.variant == "chat" else 0, pad=False)
+        arrays, _ = model_input(
+            Conversation(tuple(turns)),
+            num_images,
+            tok,
+            qformer_tok,
+            max_len=context,
+            image_token_id=cfg.image_token_id,
+            num_query_tokens=cfg.num_query_tokens,
+            instruction_len=cfg.instruction_len if cfg.variant == "chat" else 0,
+            pad=False,
+        )
     except errors.BadSample as e:
         kind = PromptTooLong if e.reason == errors.TEXT_TOO_LONG else ValueError
-        raise kind(f"{e.detail} (the context is {cfg.llm.max_position_embeddings} tokens, {max_new_tokens} of them "
-                   f"kept for the answer)" if kind is PromptTooLong else str(e)) from None
+        raise kind(
+            f"{e.detail} (the context is {cfg.llm.max_position_embeddings} tokens, {max_new_tokens} of them "
+            f"kept for the answer)"
+            if kind is PromptTooLong
+            else str(e)
+        ) from None
     del arrays["loss_mask"]
     return arrays

@@ -5,6 +5,7 @@ Anything that cannot be turned into an RGB image raises `BadSample` with a reaso
 the header is checked against a pixel limit before any pixel is decoded, so a decompression bomb costs
 a header read, not gigabytes; a file's size is checked before it is read.
 """
+
 from __future__ import annotations
 
 import io
@@ -25,7 +26,7 @@ _OFFSET = (CLIP_MEAN / CLIP_STD).astype(np.float32)
 DEFAULT_MAX_PIXELS = 64_000_000
 # Image files are read whole: a file above this (an uncompressed 64-megapixel image is 192 MB) is refused by its
 # size, before it is read.
-DEFAULT_MAX_BYTES = 256 * 2 ** 20
+DEFAULT_MAX_BYTES = 256 * 2**20
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
@@ -54,15 +55,17 @@ def read_source(src, name: str = "", max_bytes: int = DEFAULT_MAX_BYTES) -> byte
     raise errors.BadSample(errors.BAD_ANNOTATION, f"image of type {type(src).__name__}", name)
 
 
-def open_rgb(src, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "",
-             max_bytes: int = DEFAULT_MAX_BYTES) -> Image.Image:
+def open_rgb(
+    src, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "", max_bytes: int = DEFAULT_MAX_BYTES
+) -> Image.Image:
     """Any supported image (bytes, path or uint8 array [H, W, 3]) as a decoded RGB PIL image."""
     name = name or (os.fspath(src) if isinstance(src, (str, os.PathLike)) else "")
     data = read_source(src, name, max_bytes)
     if isinstance(data, np.ndarray):
         if data.dtype != np.uint8 or data.ndim != 3 or data.shape[-1] != 3:
-            raise errors.BadSample(errors.CORRUPT_IMAGE, f"array {data.dtype}{list(data.shape)}, want uint8 [H,W,3]",
-                                   name)
+            raise errors.BadSample(
+                errors.CORRUPT_IMAGE, f"array {data.dtype}{list(data.shape)}, want uint8 [H,W,3]", name
+            )
         return Image.fromarray(data)
     if not data:
         raise errors.BadSample(errors.EMPTY_IMAGE, "0 bytes", name)
@@ -104,9 +107,13 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
-                            scale: tuple[float, float] = (0.5, 1.0),
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[float, float, float, float]:
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.5, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[float, float, float, float]:
     """A crop (x0, y0, x1, y1) covering `scale` of the area with aspect ratio in `ratio` (BLIP-2's train
     crop uses scale (0.5, 1)); falls back to the largest centred crop within `ratio` after 10 misses."""
     area = width * height
@@ -149,8 +156,9 @@ def load_image(path: str, size: int) -> np.ndarray:
         if pixels.ndim == 3 and pixels.shape[0] == 3:
             pixels = pixels.transpose(1, 2, 0)
         if pixels.shape != (size, size, 3):
-            raise ValueError(f"{path}: pixels of shape {pixels.shape}, the model wants ({size}, {size}, 3) or "
-                             f"(3, {size}, {size})")
+            raise ValueError(
+                f"{path}: pixels of shape {pixels.shape}, the model wants ({size}, {size}, 3) or (3, {size}, {size})"
+            )
         if not np.isfinite(pixels).all():
             raise ValueError(f"{path}: {int((~np.isfinite(pixels)).sum())} pixel values are NaN or infinite")
         return pixels

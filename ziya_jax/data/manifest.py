@@ -6,6 +6,7 @@ or any task schema of `formats` ({"image", "caption"}, {"image", "question", "an
 out of it) unless `allow_any_image_path`. `ManifestSource` reads the images lazily (a missing file is a counted
 bad sample); the TFDS builder stores their bytes.
 """
+
 from __future__ import annotations
 
 import json
@@ -83,8 +84,13 @@ class ManifestSource:
     the pipeline counts as invalid_entry; so does an entry naming an image outside the image folder, as
     outside_image_dir: every line read is either a sample or a count."""
 
-    def __init__(self, manifest: str | os.PathLike, image_dir: str | os.PathLike | None = None, strict: bool = False,
-                 allow_any_image_path: bool = False):
+    def __init__(
+        self,
+        manifest: str | os.PathLike,
+        image_dir: str | os.PathLike | None = None,
+        strict: bool = False,
+        allow_any_image_path: bool = False,
+    ):
         self.manifest = os.fspath(manifest)
         self.image_dir = os.fspath(image_dir) if image_dir is not None else os.path.dirname(self.manifest)
         self.allow_any_image_path = allow_any_image_path

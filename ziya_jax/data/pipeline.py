@@ -28,6 +28,7 @@ Pair batches (stage 1):
   pixel_values [B, S, S, 3] float32; text_ids, text_mask [B, Tq] int32 ([CLS] caption [SEP]);
   itg_ids [B, Tq] int32 (text_ids with [CLS] replaced by [DEC], the ITG decoder input)
 """
+
 from __future__ import annotations
 
 import collections
@@ -52,6 +53,7 @@ class Source:
     """One mixture component: random-access records, the task made of them, and its mixture weight.
     The same records may appear in several components with different tasks. "auto" takes a manifest
     record's own task (see `infer_task`) and makes captions of synthetic scenes."""
+
     records: Any
     task: str = AUTO
     weight: float = 1.0
@@ -61,16 +63,16 @@ class Source:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     batch_size: int
-    text_len: int = 128              # LLM tokens per row
-    max_images: int = 1              # image slots per row
+    text_len: int = 128  # LLM tokens per row
+    max_images: int = 1  # image slots per row
     image_size: int = 224
     num_query_tokens: int = 32
     image_token_id: int = 39423
-    qformer_text_len: int = 0        # Q-Former tokens: the Chat instruction (0 = Base, none) or the stage-1 caption
+    qformer_text_len: int = 0  # Q-Former tokens: the Chat instruction (0 = Base, none) or the stage-1 caption
     languages: tuple[str, ...] = formats.LANGS  # the synthetic set's languages, drawn per sample
     seed: int = 0
     shuffle: bool = True
-    num_epochs: int | None = None    # None: repeat forever (training)
+    num_epochs: int | None = None  # None: repeat forever (training)
     # Random resized crop (BLIP-2's train transform, scale 0.5-1). Off by default; never applied to box tasks
     # or synthetic scenes, whose answers (boxes, positions, counts) would no longer match the crop. There is no
     # horizontal flip at all: it swaps left and right, which position questions and answers (and any text in
@@ -79,11 +81,11 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.5, 1.0)
     max_pixels: int = images.DEFAULT_MAX_PIXELS
     max_image_bytes: int = images.DEFAULT_MAX_BYTES  # image files above this are refused before they are read
-    pack: bool = False               # several examples per instruction row (text_len tokens, max_images slots)
-    strict: bool = False             # raise on the first bad sample instead of skipping and counting it
-    num_workers: int = 0             # worker processes for sample preparation (grain mp_prefetch)
+    pack: bool = False  # several examples per instruction row (text_len tokens, max_images slots)
+    strict: bool = False  # raise on the first bad sample instead of skipping and counting it
+    num_workers: int = 0  # worker processes for sample preparation (grain mp_prefetch)
     worker_buffer_size: int = 16
-    read_threads: int = 0            # threads per process for sample preparation
+    read_threads: int = 0  # threads per process for sample preparation
     max_consecutive_skips: int = 1000  # so that a source of nothing but bad samples fails instead of spinning
 
     def __post_init__(self):
@@ -108,8 +110,9 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     return process_index, process_count
 
 
-def mixture(sources: Sequence[Source], cfg: DataConfig, process_index: int | None = None,
-            process_count: int | None = None) -> grain.MapDataset:
+def mixture(
+    sources: Sequence[Source], cfg: DataConfig, process_index: int | None = None, process_count: int | None = None
+) -> grain.MapDataset:
     """(record, task) pairs: each source sharded by process (disjoint slices), shuffled by its own seed
     (reshuffled each epoch), repeated, then interleaved in proportion to the weights."""
     if not sources:
@@ -124,8 +127,9 @@ def mixture(sources: Sequence[Source], cfg: DataConfig, process_index: int | Non
             raise ValueError(f"{name}: weight must be > 0, got {src.weight}")
         ds = grain.MapDataset.source(src.records)[process_index::process_count]
         if len(ds) == 0:
-            raise ValueError(f"{name}: no records for process {process_index} of {process_count} "
-                             f"({len(src.records)} records in all)")
+            raise ValueError(
+                f"{name}: no records for process {process_index} of {process_count} ({len(src.records)} records in all)"
+            )
         if cfg.shuffle:
             seed = int(np.random.SeedSequence([cfg.seed, k]).generate_state(1)[0])
             ds = ds.shuffle(seed=seed) if len(ds) >= SMALL_SOURCE else SmallShuffle(ds, seed)
@@ -162,19 +166,33 @@ class SmallShuffle(grain.MapDataset):
         return self._parent[int(perm[i]) + epoch * self._n]
 
 
-def instruction_batches(sources: Sequence[Source], cfg: DataConfig, tokenizer, qformer_tokenizer=None,
-                        process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+def instruction_batches(
+    sources: Sequence[Source],
+    cfg: DataConfig,
+    tokenizer,
+    qformer_tokenizer=None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
     """Batches for stages 2-3 (keys in the module docstring). `iter()` it; the iterator has `skipped`."""
     if cfg.qformer_text_len and qformer_tokenizer is None:
         raise ValueError("DataConfig.qformer_text_len > 0 (Chat) needs a qformer_tokenizer")
     prepare = _PrepareInstruction(cfg, tokenizer, qformer_tokenizer if cfg.qformer_text_len else None)
-    return _finish(mixture(sources, cfg, process_index, process_count), prepare, cfg,
-                   functools.partial(Packer, cfg.batch_size, cfg.text_len, cfg.max_images, tokenizer.pad_id)
-                   if cfg.pack else None)
+    return _finish(
+        mixture(sources, cfg, process_index, process_count),
+        prepare,
+        cfg,
+        functools.partial(Packer, cfg.batch_size, cfg.text_len, cfg.max_images, tokenizer.pad_id) if cfg.pack else None,
+    )
 
 
-def pair_batches(sources: Sequence[Source], cfg: DataConfig, qformer_tokenizer,
-                 process_index: int | None = None, process_count: int | None = None) -> grain.IterDataset:
+def pair_batches(
+    sources: Sequence[Source],
+    cfg: DataConfig,
+    qformer_tokenizer,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
     """Image-caption batches for stage 1 (ITC/ITM/ITG); captions in the Q-Former tokenizer, qformer_text_len
     tokens (BLIP-2: 32), cut on the right. Sources must have task "caption" or "auto" (caption records)."""
     bad = [s.task for s in sources if s.task not in ("caption", AUTO)]
@@ -190,16 +208,16 @@ def pair_batches(sources: Sequence[Source], cfg: DataConfig, qformer_tokenizer,
 def _finish(ds: grain.MapDataset, prepare, cfg: DataConfig, new_batch=None) -> grain.IterDataset:
     ds = ds.random_map(prepare, seed=cfg.seed)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=2 * cfg.batch_size))
-    it = SkipAndBatch(it, new_batch or functools.partial(Stack, cfg.batch_size), cfg.strict,
-                      cfg.max_consecutive_skips)
+    it = SkipAndBatch(it, new_batch or functools.partial(Stack, cfg.batch_size), cfg.strict, cfg.max_consecutive_skips)
     if cfg.num_workers:
         from absl import flags
 
         # Grain's worker processes read absl flags; outside an absl app nobody parses them (defaults are meant).
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
-                                                         per_worker_buffer_size=cfg.worker_buffer_size))
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size)
+        )
     return CountSkips(it)
 
 
@@ -294,10 +312,16 @@ class _PrepareInstruction(_Prepare):
         cfg = self.cfg
         crop = cfg.augment and "scene" not in ann
         ann, task = self.annotation(ann, task, rng)
-        row, used = formats.model_input(formats.conversation(task, ann), len(imgs), self.tokenizer,
-                                        self.qformer_tokenizer, max_len=cfg.text_len,
-                                        image_token_id=cfg.image_token_id, num_query_tokens=cfg.num_query_tokens,
-                                        instruction_len=cfg.qformer_text_len if self.qformer_tokenizer else 0)
+        row, used = formats.model_input(
+            formats.conversation(task, ann),
+            len(imgs),
+            self.tokenizer,
+            self.qformer_tokenizer,
+            max_len=cfg.text_len,
+            image_token_id=cfg.image_token_id,
+            num_query_tokens=cfg.num_query_tokens,
+            instruction_len=cfg.qformer_text_len if self.qformer_tokenizer else 0,
+        )
         if used > cfg.max_images:
             raise errors.BadSample(errors.TOO_MANY_IMAGES, f"{used} images > {cfg.max_images} slots")
         pixels = np.zeros((cfg.max_images, cfg.image_size, cfg.image_size, 3), np.float32)
@@ -372,10 +396,10 @@ class Packer:
     def add(self, example: dict) -> bool:
         """Places the example; False (and nothing placed) when it fits in no row."""
         need = int(example["attention_mask"].sum()), int(example["image_mask"].sum())
-        for i, (tokens, images) in enumerate(self.room):
-            if need[0] <= tokens and need[1] <= images:
+        for i, (tokens, slots) in enumerate(self.room):
+            if need[0] <= tokens and need[1] <= slots:
                 self.rows[i].append(example)
-                self.room[i] = (tokens - need[0], images - need[1])
+                self.room[i] = (tokens - need[0], slots - need[1])
                 return True
         return False
 
@@ -400,11 +424,11 @@ class Packer:
         for k, parts in text.items():
             row[k] = np.full(self.text_len, self.pad_id if k == "input_ids" else 0, np.int32)
             flat = np.concatenate(parts)
-            row[k][:len(flat)] = flat
+            row[k][: len(flat)] = flat
         for k, parts in images.items():
             flat = np.concatenate(parts)
             row[k] = np.zeros((self.max_images, *flat.shape[1:]), flat.dtype)
-            row[k][:len(flat)] = flat
+            row[k][: len(flat)] = flat
         return row
 
 
@@ -419,8 +443,7 @@ class SkipAndBatch(grain.IterDataset):
     (with workers, each worker's). A row that no longer fits a packed batch starts the next one; until then
     the iterator's state is the input's state from before that row, so a restore reads it again."""
 
-    def __init__(self, parent: grain.IterDataset, new_batch, strict: bool = False,
-                 max_consecutive_skips: int = 1000):
+    def __init__(self, parent: grain.IterDataset, new_batch, strict: bool = False, max_consecutive_skips: int = 1000):
         super().__init__(parent)
         self.new_batch, self.strict, self.max_consecutive_skips = new_batch, strict, max_consecutive_skips
 
@@ -462,8 +485,11 @@ class _SkipAndBatchIterator(grain.DatasetIterator):
             if self.spec.strict:
                 return {"batch": None, "skipped": dict(skipped), "error": ("strict", message)}
             if run >= self.spec.max_consecutive_skips:
-                return {"batch": None, "skipped": dict(skipped),
-                        "error": ("stuck", f"{run} bad samples in a row (last: {message})")}
+                return {
+                    "batch": None,
+                    "skipped": dict(skipped),
+                    "error": ("stuck", f"{run} bad samples in a row (last: {message})"),
+                }
         return {"batch": batch.batch(), "skipped": dict(skipped), "error": None}
 
     def get_state(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ encoded (PNG for the synthetic set, the files' own bytes for manifests) and are 
 which is also where bad images are counted. Read with `data_source(...)` (tfds.data_source / ArrayRecord
 random access) and feed to `pipeline.Source`.
 """
+
 from __future__ import annotations
 
 import collections
@@ -25,11 +26,13 @@ log = logging.getLogger(__name__)
 
 
 def _features() -> tfds.features.FeaturesDict:
-    return tfds.features.FeaturesDict({
-        "id": tfds.features.Tensor(shape=(), dtype=np.str_),
-        "images": tfds.features.Tensor(shape=(None,), dtype=np.object_),
-        "annotation": tfds.features.Tensor(shape=(), dtype=np.str_),
-    })
+    return tfds.features.FeaturesDict(
+        {
+            "id": tfds.features.Tensor(shape=(), dtype=np.str_),
+            "images": tfds.features.Tensor(shape=(None,), dtype=np.object_),
+            "annotation": tfds.features.Tensor(shape=(), dtype=np.str_),
+        }
+    )
 
 
 class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -54,6 +57,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
 
 class ZiyaSynthetic(_LocalBuilder):
     """The bundled synthetic bilingual shapes set (see ziya_jax.data.synthetic)."""
+
     VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS = [SyntheticConfig(name="64px", image_size=64), SyntheticConfig(name="224px", image_size=224)]
 
@@ -83,6 +87,7 @@ class ManifestConfig(tfds.core.BuilderConfig):
 
 class LlavaManifest(_LocalBuilder):
     """Any LLaVA-style manifest + image folder (see ziya_jax.data.manifest); pass a ManifestConfig."""
+
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -107,8 +112,14 @@ class LlavaManifest(_LocalBuilder):
                     raise ValueError(f"{entry['_where']}: {e}") from None
                 left_out[e.reason] += 1
                 continue
-            yield n, {"id": record["id"], "images": blobs, "annotation": json.dumps(record["annotation"],
-                                                                                    ensure_ascii=False)}
+            yield (
+                n,
+                {
+                    "id": record["id"],
+                    "images": blobs,
+                    "annotation": json.dumps(record["annotation"], ensure_ascii=False),
+                },
+            )
         if left_out:
             log.warning("%s: left out %d entries, by reason: %s", path, sum(left_out.values()), dict(left_out))
 
@@ -120,15 +131,28 @@ def build_synthetic(data_dir: str, config: SyntheticConfig | str = "64px") -> Zi
     return builder
 
 
-def build_manifest(data_dir: str, name: str, manifests: dict[str, str], image_dir: str = "",
-                   strict: bool = False, allow_any_image_path: bool = False,
-                   max_image_bytes: int = images.DEFAULT_MAX_BYTES, overwrite: bool = False) -> LlavaManifest:
+def build_manifest(
+    data_dir: str,
+    name: str,
+    manifests: dict[str, str],
+    image_dir: str = "",
+    strict: bool = False,
+    allow_any_image_path: bool = False,
+    max_image_bytes: int = images.DEFAULT_MAX_BYTES,
+    overwrite: bool = False,
+) -> LlavaManifest:
     """Writes a manifest data set (one split per manifest file) under data_dir/llava_manifest/name. The inputs
     (each manifest's content, the image folder, the options) are recorded with it: a build of the same inputs is
     kept and one of other inputs refused, unless `overwrite`, which rebuilds either. A failed build leaves no
     folder behind."""
-    config = ManifestConfig(name=name, manifests=dict(manifests), image_dir=image_dir, strict=strict,
-                            allow_any_image_path=allow_any_image_path, max_image_bytes=max_image_bytes)
+    config = ManifestConfig(
+        name=name,
+        manifests=dict(manifests),
+        image_dir=image_dir,
+        strict=strict,
+        allow_any_image_path=allow_any_image_path,
+        max_image_bytes=max_image_bytes,
+    )
     config.description = json.dumps(_inputs(config), sort_keys=True)
     mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     info = os.path.join(data_dir, LlavaManifest.name, name, str(LlavaManifest.VERSION), "dataset_info.json")
@@ -136,16 +160,22 @@ def build_manifest(data_dir: str, name: str, manifests: dict[str, str], image_di
         with open(info, encoding="utf-8") as f:
             built = json.load(f).get("configDescription")
         where = f"{LlavaManifest.name}/{name} in {data_dir}"
-        changed = f"it was built from other inputs ({_differences(built, config.description)})" \
-            if built != config.description else ""
+        changed = (
+            f"it was built from other inputs ({_differences(built, config.description)})"
+            if built != config.description
+            else ""
+        )
         if changed and not overwrite:
             raise ValueError(f"{where}: {changed}; pass --overwrite to rebuild it, or choose another --name")
         if overwrite:
             log.warning("rebuilding %s: %s", where, changed or "asked to overwrite it")
             mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
     ours = [os.path.join(data_dir, LlavaManifest.name, name), os.path.join(data_dir, LlavaManifest.name)]
-    tfds_made = [f for f in (os.path.join(data_dir, "downloads", "extracted"), os.path.join(data_dir, "downloads"),
-                             data_dir) if not os.path.exists(f)]
+    tfds_made = [
+        f
+        for f in (os.path.join(data_dir, "downloads", "extracted"), os.path.join(data_dir, "downloads"), data_dir)
+        if not os.path.exists(f)
+    ]
     try:
         builder = LlavaManifest(data_dir=data_dir, config=config, file_format="array_record")
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
@@ -163,10 +193,16 @@ def _inputs(config: ManifestConfig) -> dict:
     for split, path in config.manifests.items():
         with open(path, "rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
-        splits[split] = {"manifest_sha256": digest,
-                         "image_dir": os.path.realpath(config.image_dir or os.path.dirname(path))}
-    return {"splits": splits, "strict": config.strict, "allow_any_image_path": config.allow_any_image_path,
-            "max_image_bytes": config.max_image_bytes}
+        splits[split] = {
+            "manifest_sha256": digest,
+            "image_dir": os.path.realpath(config.image_dir or os.path.dirname(path)),
+        }
+    return {
+        "splits": splits,
+        "strict": config.strict,
+        "allow_any_image_path": config.allow_any_image_path,
+        "max_image_bytes": config.max_image_bytes,
+    }
 
 
 def _differences(built: str | None, wanted: str) -> str:

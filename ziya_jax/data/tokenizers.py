@@ -6,6 +6,7 @@ the rest goes through sentencepiece. The demo tokenizers are trained here with i
 dummy prefix and byte fallback, so any text (Chinese included) decodes back to exactly itself and
 concatenating encodings of pieces of a text decodes to the whole text.
 """
+
 from __future__ import annotations
 
 import functools
@@ -151,8 +152,14 @@ class QFormerTokenizer:
         if tok.token_to_id("[DEC]") is None:
             tok.add_special_tokens(["[DEC]"])
         ids = {t: tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]", "[DEC]")}
-        return cls(_BertBackend(tok), ids["[CLS]"], ids["[SEP]"], ids["[PAD]"], ids["[DEC]"],
-                   tok.get_vocab_size(with_added_tokens=True))
+        return cls(
+            _BertBackend(tok),
+            ids["[CLS]"],
+            ids["[SEP]"],
+            ids["[PAD]"],
+            ids["[DEC]"],
+            tok.get_vocab_size(with_added_tokens=True),
+        )
 
     @classmethod
     def from_sentencepiece(cls, path: str | os.PathLike) -> "QFormerTokenizer":
@@ -161,8 +168,9 @@ class QFormerTokenizer:
         try:
             cls_id, sep_id, dec_id = (sp.piece_id(t) for t in QFORMER_SPECIALS)
         except KeyError as e:
-            raise ValueError(f"{path}: a Q-Former sentencepiece model needs the pieces {QFORMER_SPECIALS}: "
-                             f"{e}") from None
+            raise ValueError(
+                f"{path}: a Q-Former sentencepiece model needs the pieces {QFORMER_SPECIALS}: {e}"
+            ) from None
         if not sp.has_pad:
             raise ValueError(f"{path}: a Q-Former sentencepiece model needs a pad id")
         return cls(sp, cls_id, sep_id, sp.pad_id, dec_id, sp.vocab_size)
@@ -192,8 +200,14 @@ class _BertBackend:
 def load_tokenizers(directory: str) -> tuple[SentencePieceTokenizer, QFormerTokenizer | None]:
     """(LLM tokenizer, Q-Former tokenizer or None) from a folder holding `llm.model` or `tokenizer.model`
     (+ added_tokens.json), and optionally `qformer.model` (sentencepiece) or `vocab.txt` (BERT)."""
-    llm = next((os.path.join(directory, n) for n in ("llm.model", "tokenizer.model")
-                if os.path.isfile(os.path.join(directory, n))), None)
+    llm = next(
+        (
+            os.path.join(directory, n)
+            for n in ("llm.model", "tokenizer.model")
+            if os.path.isfile(os.path.join(directory, n))
+        ),
+        None,
+    )
     if llm is None:
         raise FileNotFoundError(f"no llm.model or tokenizer.model in {directory}")
     qformer = None
@@ -213,8 +227,10 @@ def check_vocabularies(tok, qtok, cfg) -> None:
         pairs.append(("Q-Former", qtok.vocab_size, "qformer", cfg.qformer.vocab_size))
     for name, have, section, rows in pairs:
         if have > rows:
-            raise ValueError(f"the {name} tokenizer has {have} ids but model.{section}.vocab_size is {rows}: "
-                             "use the tokenizers this model was configured for")
+            raise ValueError(
+                f"the {name} tokenizer has {have} ids but model.{section}.vocab_size is {rows}: "
+                "use the tokenizers this model was configured for"
+            )
 
 
 def jieba_segmenter():
@@ -238,8 +254,13 @@ def mark_chinese_words(text: str) -> str:
     return "".join(marked)
 
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int, user_symbols: Sequence[str] = (),
-                        pad: bool = False, chinese_words: bool = False) -> bytes:
+def train_sentencepiece(
+    texts: Iterable[str],
+    vocab_size: int,
+    user_symbols: Sequence[str] = (),
+    pad: bool = False,
+    chinese_words: bool = False,
+) -> bytes:
     """A BPE sentencepiece model (serialized proto) from `texts`, deterministically: one thread, every
     sentence in the given order. Ids: 0 unk, 1 bos, 2 eos (LLaMA's layout), then pad if asked, then
     `user_symbols`; byte fallback makes every text encodable and decodable without loss.
@@ -250,11 +271,26 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, user_symbols: Seq
         texts = (mark_chinese_words(t) for t in texts)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
         pretokenization_delimiter=WORD_BOUNDARY if chinese_words else "",
-        character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
-        add_dummy_prefix=False, remove_extra_whitespaces=False, split_digits=True,
-        allow_whitespace_only_pieces=True, user_defined_symbols=list(user_symbols),
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3 if pad else -1,
-        num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2)
+        character_coverage=1.0,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        user_defined_symbols=list(user_symbols),
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3 if pad else -1,
+        num_threads=1,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        minloglevel=2,
+    )
     return model.getvalue()

@@ -7,6 +7,7 @@
 Writes OUT/NAME.predictions.jsonl and OUT/NAME.scores.json, then prints the paper-style table of every score
 file in OUT (so running the tasks one after another fills it in). File layouts: ziya_jax/evaluate/datasets.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,18 +24,25 @@ ALL_TASKS = sorted(tasks_mod.TASKS) + ["synthetic"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ziya_jax.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m ziya_jax.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cli.add_model_flags(p)
     p.add_argument("--task", required=True, choices=ALL_TASKS)
     p.add_argument("--data", help="annotation file or the folder holding it (not needed for synthetic)")
     p.add_argument("--image-dir", help="images folder (default: the annotation file's folder)")
-    p.add_argument("--allow-any-image-path", action="store_true",
-                   help="let annotations name images outside the images folder (absolute, .., symlinks)")
+    p.add_argument(
+        "--allow-any-image-path",
+        action="store_true",
+        help="let annotations name images outside the images folder (absolute, .., symlinks)",
+    )
     p.add_argument("--split", help="split name in the released files (default: the paper's split)")
     p.add_argument("--lang", choices=("en", "zh"), help="vqav2/gqa: zh evaluates the translated (T) sets")
-    p.add_argument("--retrieval-set", default="flickr30k_cna",
-                   help="name of the caption set the retrieval scores are filed under (default flickr30k_cna)")
+    p.add_argument(
+        "--retrieval-set",
+        default="flickr30k_cna",
+        help="name of the caption set the retrieval scores are filed under (default flickr30k_cna)",
+    )
     p.add_argument("--limit", type=int, help="first N examples only (synthetic: N per language, default 200)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-beams", type=int, default=1)
@@ -43,8 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", type=float, default=1.0)
     p.add_argument("--prompt", help="prompt template with {question} (VQA tasks) overriding the default")
     p.add_argument("--itm-top-k", type=int, default=0, help="retrieval: re-rank each query's top K with ITM")
-    p.add_argument("--en-tokenizer", choices=("auto", "java", "python"), default="auto",
-                   help="English caption tokenisation: Stanford PTB via Java, or its Python equivalent")
+    p.add_argument(
+        "--en-tokenizer",
+        choices=("auto", "java", "python"),
+        default="auto",
+        help="English caption tokenisation: Stanford PTB via Java, or its Python equivalent",
+    )
     p.add_argument("--meteor", action="store_true", help="also METEOR (English captions, needs Java)")
     p.add_argument("--show", type=int, default=3, help="synthetic: examples printed per language")
     p.add_argument("--out", default="eval_results", help="output folder (default eval_results)")
@@ -69,24 +81,43 @@ def _run(args) -> int:
         raise ValueError("--limit must be >= 1")
     items = None
     if args.task != "synthetic":  # read (and check) the data before spending time on the model
-        items = tasks_mod.load_items(args.task, args.data, args.image_dir, args.split, args.limit,
-                                     args.allow_any_image_path)
+        items = tasks_mod.load_items(
+            args.task, args.data, args.image_dir, args.split, args.limit, args.allow_any_image_path
+        )
     model = cli.load(args, decode=False)  # retrieval and choice scoring run the stacked model
     params, cfg, tok, qtok = model.params, model.cfg, model.tok, model.qtok
     os.makedirs(args.out, exist_ok=True)
     if args.task == "synthetic":
         return _synthetic(args, params, cfg, tok, qtok)
     spec = tasks_mod.TASKS[args.task]
-    decode = DecodeConfig(max_new_tokens=args.max_new_tokens or spec.max_new_tokens or 1,
-                          min_new_tokens=args.min_new_tokens, num_beams=args.num_beams,
-                          length_penalty=args.length_penalty)
-    settings = tasks_mod.Settings(batch_size=args.batch_size, decode=decode, prompt=args.prompt, lang=args.lang,
-                                  itm_top_k=args.itm_top_k, en_tokenizer=args.en_tokenizer, meteor=args.meteor)
+    decode = DecodeConfig(
+        max_new_tokens=args.max_new_tokens or spec.max_new_tokens or 1,
+        min_new_tokens=args.min_new_tokens,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+    )
+    settings = tasks_mod.Settings(
+        batch_size=args.batch_size,
+        decode=decode,
+        prompt=args.prompt,
+        lang=args.lang,
+        itm_top_k=args.itm_top_k,
+        en_tokenizer=args.en_tokenizer,
+        meteor=args.meteor,
+    )
     records, scores = tasks_mod.run_task(args.task, items, params, cfg, tok, qtok, settings)
     name = tasks_mod.output_name(args.task, args.lang or spec.lang, args.retrieval_set)
-    _write(args.out, name, records, scores | {"task": args.task, "checkpoint": os.path.abspath(args.checkpoint),
-                                              "decode": {"num_beams": args.num_beams,
-                                                         "max_new_tokens": decode.max_new_tokens}})
+    _write(
+        args.out,
+        name,
+        records,
+        scores
+        | {
+            "task": args.task,
+            "checkpoint": os.path.abspath(args.checkpoint),
+            "decode": {"num_beams": args.num_beams, "max_new_tokens": decode.max_new_tokens},
+        },
+    )
     from ziya_jax.evaluate.table import format_paper_table
 
     print(format_paper_table(_all_scores(args.out)))
@@ -97,12 +128,20 @@ def _synthetic(args, params, cfg, tok, qtok) -> int:
     from ziya_jax.evaluate.synthetic import evaluate_synthetic, format_table
 
     start = time.perf_counter()
-    results = evaluate_synthetic(params, cfg, tok, qtok, image_size=cfg.vision.image_size, n=args.limit or 200,
-                                 batch_size=args.batch_size, show=args.show, en_tokenizer=args.en_tokenizer)
+    results = evaluate_synthetic(
+        params,
+        cfg,
+        tok,
+        qtok,
+        image_size=cfg.vision.image_size,
+        n=args.limit or 200,
+        batch_size=args.batch_size,
+        show=args.show,
+        en_tokenizer=args.en_tokenizer,
+    )
     seconds = time.perf_counter() - start
     records = [ex | {"lang": lang} for lang, r in results.items() for ex in r.get("predictions", [])]
-    scores = {lang: {k: v for k, v in r.items() if k not in ("predictions", "examples")}
-              for lang, r in results.items()}
+    scores = {lang: {k: v for k, v in r.items() if k not in ("predictions", "examples")} for lang, r in results.items()}
     _write(args.out, "synthetic", records, scores | {"seconds": seconds})
     print(format_table(results))
     print(f"({seconds:.1f} s)")
@@ -121,7 +160,7 @@ def _all_scores(out: str) -> dict:
     scores = {}
     for path in sorted(glob.glob(os.path.join(out, "*.scores.json"))):
         with open(path, encoding="utf-8") as f:
-            scores[os.path.basename(path)[:-len(".scores.json")]] = json.load(f)
+            scores[os.path.basename(path)[: -len(".scores.json")]] = json.load(f)
     return scores
 
 

@@ -1,5 +1,6 @@
 """Caption metrics through pycocoevalcap's own scorers (CIDEr-D, BLEU-4, METEOR), after the tokenisation in
 `text` (PTB for English, jieba for Chinese). Scores are reported x100, as the papers' tables print them."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -7,8 +8,15 @@ from collections.abc import Mapping, Sequence
 from ziya_jax.evaluate import text
 
 
-def caption_scores(references: Mapping[str, Sequence[str]], predictions: Mapping[str, str], lang: str, *,
-                   en_tokenizer: str = "auto", bleu: bool = True, meteor: bool = False) -> dict:
+def caption_scores(
+    references: Mapping[str, Sequence[str]],
+    predictions: Mapping[str, str],
+    lang: str,
+    *,
+    en_tokenizer: str = "auto",
+    bleu: bool = True,
+    meteor: bool = False,
+) -> dict:
     """Corpus scores of one prediction per image against its references (raw text; tokenised here).
 
     METEOR (English only, needs Java) is opt-in: it starts a JVM with a 2 GB heap. The returned dict names the
@@ -29,7 +37,7 @@ def caption_scores(references: Mapping[str, Sequence[str]], predictions: Mapping
     tokens = text.tokenize(flat, lang, tokenizer if lang == "en" else "auto")
     gts, pos = {}, 0
     for i in ids:
-        gts[i] = tokens[pos:pos + len(references[i])]
+        gts[i] = tokens[pos : pos + len(references[i])]
         pos += len(references[i])
     res = {i: [tokens[pos + k]] for k, i in enumerate(ids)}
     out = {"CIDEr": 100.0 * float(Cider().compute_score(gts, res)[0])}

@@ -15,6 +15,7 @@ inside the image folder (no absolute paths, `..` or symlinks out of it) unless `
 | scienceqa_img | problems.json + pid_splits.json (problems with an image only)          | IMAGE_DIR/{split}/{pid}/{image}     |
 | vizwiz        | {split}.json (list of {image, question, answers, answerable, answer_type}) | IMAGE_DIR/[split/]image         |
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -96,8 +97,10 @@ def _image_dir(image_dir: str | None, annotation: str) -> str:
 def _resolve(image_dir: str, candidates: Sequence[str], item_id: str, allow_any_image_path: bool) -> str | None:
     for c in candidates:
         if not allow_any_image_path and not inside(image_dir, c):
-            raise ValueError(f"image {c!r} of example {item_id} leads outside the image folder {image_dir}; "
-                             "pass --allow-any-image-path if the annotations are trusted")
+            raise ValueError(
+                f"image {c!r} of example {item_id} leads outside the image folder {image_dir}; "
+                "pass --allow-any-image-path if the annotations are trusted"
+            )
     return next((p for p in (os.path.join(image_dir, c) for c in candidates) if os.path.isfile(p)), None)
 
 
@@ -112,13 +115,15 @@ def _check_images(items, image_dir: str, candidates, allow_any_image_path: bool 
         else:
             item.image = path
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(items)} images are missing under {image_dir}, e.g. "
-                                f"{missing[:3]}")
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(items)} images are missing under {image_dir}, e.g. {missing[:3]}"
+        )
     return items
 
 
-def read_coco_captions(path: str, image_dir: str | None = None, allow_any_image_path: bool = False
-                       ) -> list[CaptionItem]:
+def read_coco_captions(
+    path: str, image_dir: str | None = None, allow_any_image_path: bool = False
+) -> list[CaptionItem]:
     """COCO captions JSON ({images: [{id, file_name, ...}], annotations: [{image_id, caption}]}), e.g. NoCaps."""
     data = _load_json(path)
     images = {_field(img, "id", path, (int, str)): img for img in _field(data, "images", path, list)}
@@ -133,13 +138,15 @@ def read_coco_captions(path: str, image_dir: str | None = None, allow_any_image_
     return _check_images(items, _image_dir(image_dir, path), lambda it: [it.image], allow_any_image_path)
 
 
-def read_nocaps(data: str, image_dir: str | None = None, split: str = "val", allow_any_image_path: bool = False
-                ) -> list[CaptionItem]:
+def read_nocaps(
+    data: str, image_dir: str | None = None, split: str = "val", allow_any_image_path: bool = False
+) -> list[CaptionItem]:
     return read_coco_captions(_locate(data, [f"nocaps_{split}_4500_captions.json"]), image_dir, allow_any_image_path)
 
 
-def read_karpathy(data: str, image_dir: str | None = None, split: str = "test", allow_any_image_path: bool = False
-                  ) -> list[CaptionItem]:
+def read_karpathy(
+    data: str, image_dir: str | None = None, split: str = "test", allow_any_image_path: bool = False
+) -> list[CaptionItem]:
     """Karpathy's dataset_*.json: {images: [{filename, split, sentences: [{raw}], filepath?}]}."""
     path = _locate(data, ["dataset_flickr30k.json", "dataset_coco.json"])
     items = []
@@ -152,12 +159,14 @@ def read_karpathy(data: str, image_dir: str | None = None, split: str = "test", 
         items.append(CaptionItem(str(img.get("imgid", name)), rel, refs))
     if not items:
         raise ValueError(f"{path} has no images in split {split!r}")
-    return _check_images(items, _image_dir(image_dir, path), lambda it: [it.image, os.path.basename(it.image)],
-                         allow_any_image_path)
+    return _check_images(
+        items, _image_dir(image_dir, path), lambda it: [it.image, os.path.basename(it.image)], allow_any_image_path
+    )
 
 
-def read_tsv_captions(path: str, image_dir: str | None = None, keep: set[str] | None = None,
-                      allow_any_image_path: bool = False) -> list[CaptionItem]:
+def read_tsv_captions(
+    path: str, image_dir: str | None = None, keep: set[str] | None = None, allow_any_image_path: bool = False
+) -> list[CaptionItem]:
     """`IMAGE#k<TAB>caption` lines (Flickr30k-CN/CNA, COCO-CN); IMAGE may carry .jpg; `keep` filters ids."""
     refs: dict[str, list[str]] = {}
     with open(path, encoding="utf-8") as f:
@@ -181,14 +190,19 @@ def read_tsv_captions(path: str, image_dir: str | None = None, keep: set[str] | 
     return _check_images(items, _image_dir(image_dir, path), candidates, allow_any_image_path)
 
 
-def read_flickr30k_cna(data: str, image_dir: str | None = None, split: str = "test",
-                       allow_any_image_path: bool = False) -> list[CaptionItem]:
-    return read_tsv_captions(_locate(data, [f"flickr30k_cn_{split}.txt", f"{split}.txt"]), image_dir,
-                             allow_any_image_path=allow_any_image_path)
+def read_flickr30k_cna(
+    data: str, image_dir: str | None = None, split: str = "test", allow_any_image_path: bool = False
+) -> list[CaptionItem]:
+    return read_tsv_captions(
+        _locate(data, [f"flickr30k_cn_{split}.txt", f"{split}.txt"]),
+        image_dir,
+        allow_any_image_path=allow_any_image_path,
+    )
 
 
-def read_coco_cn(data: str, image_dir: str | None = None, split: str = "test", allow_any_image_path: bool = False
-                 ) -> list[CaptionItem]:
+def read_coco_cn(
+    data: str, image_dir: str | None = None, split: str = "test", allow_any_image_path: bool = False
+) -> list[CaptionItem]:
     path = _locate(data, ["imageid.human-written-caption.txt"])
     split_file = os.path.join(os.path.dirname(path), f"coco-cn_{split}.txt")
     if not os.path.isfile(split_file):
@@ -198,8 +212,9 @@ def read_coco_cn(data: str, image_dir: str | None = None, split: str = "test", a
     return read_tsv_captions(path, image_dir, keep, allow_any_image_path)
 
 
-def read_captions(data: str, image_dir: str | None = None, split: str = "test", allow_any_image_path: bool = False
-                  ) -> list[CaptionItem]:
+def read_captions(
+    data: str, image_dir: str | None = None, split: str = "test", allow_any_image_path: bool = False
+) -> list[CaptionItem]:
     """Any of the caption formats above, recognised by content (for retrieval on a chosen caption set)."""
     if os.path.isfile(data) and data.endswith(".txt"):
         return read_tsv_captions(data, image_dir, allow_any_image_path=allow_any_image_path)
@@ -211,30 +226,48 @@ def read_captions(data: str, image_dir: str | None = None, split: str = "test", 
             except FileNotFoundError as e:
                 if "holds none of" not in str(e):
                     raise
-        raise FileNotFoundError(f"{data} holds no caption annotations (flickr30k_cn_{split}.txt, "
-                                f"imageid.human-written-caption.txt or dataset_*.json)")
+        raise FileNotFoundError(
+            f"{data} holds no caption annotations (flickr30k_cn_{split}.txt, "
+            f"imageid.human-written-caption.txt or dataset_*.json)"
+        )
     content = _load_json(path)
     if isinstance(content, dict) and "annotations" in content:
         return read_coco_captions(path, image_dir, allow_any_image_path)
     return read_karpathy(path, image_dir, split, allow_any_image_path)
 
 
-def read_vqa(data: str, image_dir: str | None = None, split: str = "val2014", okvqa: bool = False,
-             allow_any_image_path: bool = False) -> list[VQAItem]:
+def read_vqa(
+    data: str,
+    image_dir: str | None = None,
+    split: str = "val2014",
+    okvqa: bool = False,
+    allow_any_image_path: bool = False,
+) -> list[VQAItem]:
     """VQA v2 / OK-VQA: the questions file and the annotations file of one split."""
     prefix = "" if okvqa else "v2_"
     q_path = _locate(data, [f"{prefix}OpenEnded_mscoco_{split}_questions.json"])
-    a_path = _locate(os.path.dirname(q_path) if os.path.isfile(data) else data,
-                     [f"{prefix}mscoco_{split}_annotations.json"])
-    questions = {_field(q, "question_id", q_path, (int, str)): _field(q, "question", q_path, str)
-                 for q in _field(_load_json(q_path), "questions", q_path, list)}
+    a_path = _locate(
+        os.path.dirname(q_path) if os.path.isfile(data) else data, [f"{prefix}mscoco_{split}_annotations.json"]
+    )
+    questions = {
+        _field(q, "question_id", q_path, (int, str)): _field(q, "question", q_path, str)
+        for q in _field(_load_json(q_path), "questions", q_path, list)
+    }
     items = []
     for ann in _field(_load_json(a_path), "annotations", a_path, list):
         qid = _field(ann, "question_id", a_path, (int, str))
         if qid not in questions:
             raise ValueError(f"{a_path}: question {qid} is not in {q_path}")
-        items.append(VQAItem(str(qid), str(_field(ann, "image_id", a_path, int)), questions[qid],
-                             _answers(ann, a_path), {"answer_type": ann.get("answer_type", "")}))
+        items.append(
+            VQAItem(
+                str(qid),
+                str(_field(ann, "image_id", a_path, int)),
+                questions[qid],
+                _answers(ann, a_path),
+                {"answer_type": ann.get("answer_type", "")},
+            )
+        )
+
     def candidates(it):
         name = f"COCO_{split}_{int(it.image):012d}.jpg"
         return [name, os.path.join(split, name)]
@@ -242,20 +275,30 @@ def read_vqa(data: str, image_dir: str | None = None, split: str = "val2014", ok
     return _check_images(items, _image_dir(image_dir, q_path), candidates, allow_any_image_path)
 
 
-def read_gqa(data: str, image_dir: str | None = None, split: str = "testdev", allow_any_image_path: bool = False
-             ) -> list[VQAItem]:
+def read_gqa(
+    data: str, image_dir: str | None = None, split: str = "testdev", allow_any_image_path: bool = False
+) -> list[VQAItem]:
     path = _locate(data, [f"{split}_balanced_questions.json"])
     content = _load_json(path)
     if not isinstance(content, dict):
         raise ValueError(f"{path}: expected {{question_id: {{imageId, question, answer}}}}")
-    items = [VQAItem(str(qid), _field(q, "imageId", path, str), _field(q, "question", path, str),
-                     [_field(q, "answer", path, str)]) for qid, q in content.items()]
-    return _check_images(items, _image_dir(image_dir, path), lambda it: [f"{it.image}.jpg", it.image],
-                         allow_any_image_path)
+    items = [
+        VQAItem(
+            str(qid),
+            _field(q, "imageId", path, str),
+            _field(q, "question", path, str),
+            [_field(q, "answer", path, str)],
+        )
+        for qid, q in content.items()
+    ]
+    return _check_images(
+        items, _image_dir(image_dir, path), lambda it: [f"{it.image}.jpg", it.image], allow_any_image_path
+    )
 
 
-def read_scienceqa(data: str, image_dir: str | None = None, split: str = "test", allow_any_image_path: bool = False
-                   ) -> list[ChoiceItem]:
+def read_scienceqa(
+    data: str, image_dir: str | None = None, split: str = "test", allow_any_image_path: bool = False
+) -> list[ChoiceItem]:
     """ScienceQA-IMG: the split's problems that have an image."""
     path = _locate(data, ["problems.json"])
     splits_path = os.path.join(os.path.dirname(path), "pid_splits.json")
@@ -279,14 +322,23 @@ def read_scienceqa(data: str, image_dir: str | None = None, split: str = "test",
         answer = _field(p, "answer", where, int)
         if not 0 <= answer < len(choices):
             raise ValueError(f"{where}: answer {answer} is not one of its {len(choices)} choices")
-        items.append(ChoiceItem(str(pid), _field(p, "image", where, str), _field(p, "question", where, str),
-                                [str(c) for c in choices], answer, str(p.get("hint") or "")))
+        items.append(
+            ChoiceItem(
+                str(pid),
+                _field(p, "image", where, str),
+                _field(p, "question", where, str),
+                [str(c) for c in choices],
+                answer,
+                str(p.get("hint") or ""),
+            )
+        )
     root = image_dir or os.path.join(os.path.dirname(os.path.abspath(path)), "images")
     return _check_images(items, root, lambda it: [os.path.join(split, it.id, it.image)], allow_any_image_path)
 
 
-def read_vizwiz(data: str, image_dir: str | None = None, split: str = "val", allow_any_image_path: bool = False
-                ) -> list[VQAItem]:
+def read_vizwiz(
+    data: str, image_dir: str | None = None, split: str = "val", allow_any_image_path: bool = False
+) -> list[VQAItem]:
     path = _locate(data, [f"{split}.json"])
     records = _load_json(path)
     if not isinstance(records, list):
@@ -297,5 +349,6 @@ def read_vizwiz(data: str, image_dir: str | None = None, split: str = "val", all
         image = _field(r, "image", where, str)
         meta = {"answer_type": r.get("answer_type", ""), "answerable": r.get("answerable")}
         items.append(VQAItem(image, image, _field(r, "question", where, str), _answers(r, where), meta))
-    return _check_images(items, _image_dir(image_dir, path), lambda it: [it.image, os.path.join(split, it.image)],
-                         allow_any_image_path)
+    return _check_images(
+        items, _image_dir(image_dir, path), lambda it: [it.image, os.path.join(split, it.image)], allow_any_image_path
+    )

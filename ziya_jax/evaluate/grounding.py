@@ -2,6 +2,7 @@
 
 Boxes are Ziya's `[x1,y1,x2,y2]` integers in 0..999 (ziya_jax.data.formats); IoU treats them as continuous
 coordinates (area = width x height, no +1). A text without a parsable box is a miss."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -5,6 +5,7 @@ and every prompt to one length per call (rounded up to `bucket`), so a task comp
 - `choice_logprobs`: the log-likelihood of each given continuation (ScienceQA: answers constrained to choices).
 - `itc_features` / `itm_scores`: the stage-1 heads for retrieval (BLIP-2's ITC similarity and ITM logit).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,6 +29,7 @@ RETRIEVAL_TEXT_LEN = 32  # BLIP-2's max_txt_len for ITC/ITM
 class Prompt:
     """One question about one image: `query` is the user's text (no placeholder), `pixels` [S, S, 3]
     normalised. The model input is built from it as training builds it (formats.prompt_input)."""
+
     query: str
     pixels: np.ndarray
 
@@ -43,8 +45,9 @@ def _batches(n: int, size: int):
 class Generator:
     """Decodes answers to many prompts: rows padded to batch_size, prompts to one bucketed length."""
 
-    def __init__(self, params, cfg: ModelConfig, tokenizer, qformer_tokenizer=None, *, batch_size: int = 32,
-                 bucket: int = 16):
+    def __init__(
+        self, params, cfg: ModelConfig, tokenizer, qformer_tokenizer=None, *, batch_size: int = 32, bucket: int = 16
+    ):
         if cfg.variant == "chat" and qformer_tokenizer is None:
             raise ValueError("a Chat model needs the Q-Former tokenizer")
         self.params, self.cfg, self.tok, self.qtok = params, cfg, tokenizer, qformer_tokenizer
@@ -53,25 +56,29 @@ class Generator:
     def decode(self, tokens) -> str:
         """New tokens -> text, without EOS and without ids the tokenizer has no piece for (the image
         placeholder, which an untrained model may emit)."""
-        keep = [int(t) for t in tokens if t != self.tok.eos_id and t != self.cfg.image_token_id
-                and 0 <= t < self.tok.vocab_size]
+        keep = [
+            int(t)
+            for t in tokens
+            if t != self.tok.eos_id and t != self.cfg.image_token_id and 0 <= t < self.tok.vocab_size
+        ]
         return self.tok.decode(keep).strip()
 
     def inputs(self, prompt: Prompt, max_new_tokens: int) -> dict[str, np.ndarray]:
-        return formats.prompt_input([formats.Turn(prompt.query, None)], 1, self.tok, self.qtok, self.cfg,
-                                    max_new_tokens)
+        return formats.prompt_input(
+            [formats.Turn(prompt.query, None)], 1, self.tok, self.qtok, self.cfg, max_new_tokens
+        )
 
-    def _padded(self, prompts: Sequence[Prompt], inputs: list[dict], ids: list[list[int]], length: int, start: int,
-                stop: int):
+    def _padded(
+        self, prompts: Sequence[Prompt], inputs: list[dict], ids: list[list[int]], length: int, start: int, stop: int
+    ):
         rows = list(range(start, stop)) + [stop - 1] * (self.batch_size - (stop - start))  # repeat the last row
         input_ids = np.full((len(rows), length), self.tok.pad_id, np.int32)
         mask = np.zeros((len(rows), length), np.int32)
         for r, i in enumerate(rows):
-            input_ids[r, length - len(ids[i]):] = ids[i]
-            mask[r, length - len(ids[i]):] = 1
+            input_ids[r, length - len(ids[i]) :] = ids[i]
+            mask[r, length - len(ids[i]) :] = 1
         pixels = np.stack([prompts[i].pixels for i in rows])[:, None].astype(np.float32)
-        qformer = {k: np.stack([inputs[i][k] for i in rows]) for k in ("qformer_ids", "qformer_mask")
-                   if k in inputs[0]}
+        qformer = {k: np.stack([inputs[i][k] for i in rows]) for k in ("qformer_ids", "qformer_mask") if k in inputs[0]}
         return input_ids, mask, pixels, qformer
 
     def __call__(self, prompts: Sequence[Prompt], dc: DecodeConfig, desc: str = "generate") -> list[str]:
@@ -88,11 +95,12 @@ class Generator:
             input_ids, mask, pixels, qformer = self._padded(prompts, inputs, ids, length, start, stop)
             tokens, lengths = generate(self.params, self.cfg, input_ids, mask, pixels, dc=dc, **qformer)
             for r in range(stop - start):
-                answers.append(self.decode(tokens[r, :lengths[r]]))
+                answers.append(self.decode(tokens[r, : lengths[r]]))
         return answers
 
-    def choice_logprobs(self, prompts: Sequence[Prompt], choices: Sequence[Sequence[str]],
-                        desc: str = "score choices") -> list[list[float]]:
+    def choice_logprobs(
+        self, prompts: Sequence[Prompt], choices: Sequence[Sequence[str]], desc: str = "score choices"
+    ) -> list[list[float]]:
         """log p(choice + EOS | prompt) summed over the choice's tokens, for every choice of every prompt."""
         flat = [(i, c) for i, cs in enumerate(choices) for c in cs]
         if not flat:
@@ -106,8 +114,10 @@ class Generator:
             sub_inputs.append(prompt_inputs[i])
         length = round_up(max(map(len, seqs)), self.bucket)
         if length > self.cfg.llm.max_position_embeddings:
-            raise ValueError(f"a prompt with a choice has {max(map(len, seqs))} tokens; the model's context is "
-                             f"{self.cfg.llm.max_position_embeddings}")
+            raise ValueError(
+                f"a prompt with a choice has {max(map(len, seqs))} tokens; the model's context is "
+                f"{self.cfg.llm.max_position_embeddings}"
+            )
         scores = []
         sub = [prompts[i] for i, _ in flat]
         for start, stop in tqdm(_batches(len(flat), self.batch_size), desc=desc, unit="batch", leave=False):
@@ -115,10 +125,18 @@ class Generator:
             answer_mask = np.zeros_like(mask)
             rows = list(range(start, stop)) + [stop - 1] * (self.batch_size - (stop - start))
             for r, k in enumerate(rows):
-                answer_mask[r, length - targets[k]:] = 1
-            logp = _sequence_logprob(self.params, input_ids, mask, pixels, qformer.get("qformer_ids"),
-                                     qformer.get("qformer_mask"), jnp.asarray(answer_mask), cfg=self.cfg)
-            scores.extend(float(x) for x in np.asarray(logp)[:stop - start])
+                answer_mask[r, length - targets[k] :] = 1
+            logp = _sequence_logprob(
+                self.params,
+                input_ids,
+                mask,
+                pixels,
+                qformer.get("qformer_ids"),
+                qformer.get("qformer_mask"),
+                jnp.asarray(answer_mask),
+                cfg=self.cfg,
+            )
+            scores.extend(float(x) for x in np.asarray(logp)[: stop - start])
         out, k = [[] for _ in prompts], 0
         for i, c in flat:
             out[i].append(scores[k])
@@ -163,7 +181,7 @@ def _text_side(module: ZiyaVisual, ids, mask):
 def _itm(module: ZiyaVisual, image_embeds, ids, mask):
     queries = jnp.broadcast_to(module.query_tokens, (ids.shape[0], *module.query_tokens.shape[1:]))
     out = module.qformer(queries, ids, mask, image_embeds, "bidirectional", True)
-    return module.itm_head(out[:, :module.cfg.num_query_tokens]).mean(1)[:, 1].astype(jnp.float32)
+    return module.itm_head(out[:, : module.cfg.num_query_tokens]).mean(1)[:, 1].astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -186,10 +204,12 @@ def _run_batched(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int, de
     n, outs = len(arrays[0]), []
     for start, stop in tqdm(_batches(n, batch_size), desc=desc, unit="batch", leave=False):
         pad = batch_size - (stop - start)
-        batch = [np.concatenate([a[start:stop], np.repeat(a[stop - 1:stop], pad, 0)]) if pad else a[start:stop]
-                 for a in arrays]
+        batch = [
+            np.concatenate([a[start:stop], np.repeat(a[stop - 1 : stop], pad, 0)]) if pad else a[start:stop]
+            for a in arrays
+        ]
         res = fn(*batch)
-        outs.append(jax.tree_util.tree_map(lambda x: np.asarray(x)[:stop - start], res))
+        outs.append(jax.tree_util.tree_map(lambda x: np.asarray(x)[: stop - start], res))
     return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *outs)
 
 
@@ -199,8 +219,16 @@ def encode_texts(texts: Sequence[str], qformer_tokenizer, cfg: ModelConfig) -> t
     return np.stack([e["ids"] for e in enc]), np.stack([e["mask"] for e in enc])
 
 
-def itc_similarity(params, cfg: ModelConfig, pixels: np.ndarray, texts: Sequence[str], qformer_tokenizer, *,
-                   batch_size: int = 32, keep_image_embeds: bool = False):
+def itc_similarity(
+    params,
+    cfg: ModelConfig,
+    pixels: np.ndarray,
+    texts: Sequence[str],
+    qformer_tokenizer,
+    *,
+    batch_size: int = 32,
+    keep_image_embeds: bool = False,
+):
     """(sim [images, texts] = max over queries of the cosine of query and text features, text ids, text mask,
     image embeddings or None). Needs the stage-1 heads (vision_proj, text_proj)."""
     if not has_itc_heads(params):
@@ -215,8 +243,9 @@ def itc_similarity(params, cfg: ModelConfig, pixels: np.ndarray, texts: Sequence
     return sim, ids, mask, embeds if keep_image_embeds else None
 
 
-def itm_scorer(params, cfg: ModelConfig, image_embeds: np.ndarray, ids: np.ndarray, mask: np.ndarray,
-               batch_size: int = 32):
+def itm_scorer(
+    params, cfg: ModelConfig, image_embeds: np.ndarray, ids: np.ndarray, mask: np.ndarray, batch_size: int = 32
+):
     """pair_score(images, texts) -> ITM match logits, for retrieval.rerank."""
     cfg = _with_heads(cfg)
 

@@ -3,6 +3,7 @@ similarity: the best-matching query per pair; optional ITM re-ranking of each qu
 
 Ranks are pessimistic: a candidate that ties with the best correct one counts as ranked above it, so a model
 whose scores are all equal gets no credit."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -7,6 +7,7 @@ annotation of example i for task t in language l draws from its own generator [s
 score is a pure function of the model and (n, seed). Decoding is greedy; prompts are the training prompts.
 Scores are x100.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,11 +25,17 @@ TASKS = ("vqa", "caption", "grounding", "retrieval")
 # need a longer one.
 _DECODE_GROUPS = (("vqa", "grounding"), ("caption",))
 _TASK_INDEX = {t: k for k, t in enumerate(formats.TASKS)}
-_ROWS = (("vqa_em", "VQA exact match"),
-         *((f"vqa_em_{kind}", f"  {kind} questions") for kind in synthetic.VQA_KINDS),
-         ("cider", "Caption CIDEr"), ("bleu4", "Caption BLEU-4"),
-         ("grounding_acc", "Grounding acc (IoU>=0.5)"), ("retrieval_ir1", "Retrieval IR@1"),
-         ("retrieval_tr1", "Retrieval TR@1"), ("retrieval_ir5", "Retrieval IR@5"), ("retrieval_tr5", "Retrieval TR@5"))
+_ROWS = (
+    ("vqa_em", "VQA exact match"),
+    *((f"vqa_em_{kind}", f"  {kind} questions") for kind in synthetic.VQA_KINDS),
+    ("cider", "Caption CIDEr"),
+    ("bleu4", "Caption BLEU-4"),
+    ("grounding_acc", "Grounding acc (IoU>=0.5)"),
+    ("retrieval_ir1", "Retrieval IR@1"),
+    ("retrieval_tr1", "Retrieval TR@1"),
+    ("retrieval_ir5", "Retrieval IR@5"),
+    ("retrieval_tr5", "Retrieval TR@5"),
+)
 
 
 @dataclasses.dataclass
@@ -55,9 +62,21 @@ def max_new_tokens_for(tokenizer, references: Sequence[str]) -> int:
     return inference.round_up(longest + 4, 8)
 
 
-def evaluate_synthetic(params, cfg: ModelConfig, tokenizer, qformer_tokenizer, *, image_size: int, n: int = 200,
-                       batch_size: int = 32, seed: int = 0, langs=("en", "zh"), tasks=TASKS, show: int = 0,
-                       en_tokenizer: str = "auto") -> dict:
+def evaluate_synthetic(
+    params,
+    cfg: ModelConfig,
+    tokenizer,
+    qformer_tokenizer,
+    *,
+    image_size: int,
+    n: int = 200,
+    batch_size: int = 32,
+    seed: int = 0,
+    langs=("en", "zh"),
+    tasks=TASKS,
+    show: int = 0,
+    en_tokenizer: str = "auto",
+) -> dict:
     """{lang: {'vqa_em', 'cider', 'bleu4', 'grounding_acc', 'retrieval_ir1', 'retrieval_tr1', ..., 'n'}} on the
     first n test examples (x100). Retrieval runs only when params hold the stage-1 heads (vision_proj, text_proj)
     and a Q-Former tokenizer is given; otherwise its keys are absent. 'predictions' holds every decoded
@@ -80,25 +99,31 @@ def evaluate_synthetic(params, cfg: ModelConfig, tokenizer, qformer_tokenizer, *
     groups = [g for g in (tuple(t for t in group if t in tasks) for group in _DECODE_GROUPS) if g]
     gen = inference.Generator(params, cfg, tokenizer, qformer_tokenizer, batch_size=batch_size) if groups else None
     for group in groups:  # one decoder program per group: both languages and the group's tasks in one call
-        flat = [(task, lang, i, ex) for task in group for lang in langs
-                for i, ex in enumerate(_examples(scenes, task, lang, seed))]
+        flat = [
+            (task, lang, i, ex)
+            for task in group
+            for lang in langs
+            for i, ex in enumerate(_examples(scenes, task, lang, seed))
+        ]
         dc = DecodeConfig(max_new_tokens=max_new_tokens_for(tokenizer, [row[3].reference for row in flat]))
-        preds = gen([inference.Prompt(ex.query, pixels[i]) for _, _, i, ex in flat], dc,
-                    desc=f"synthetic {'+'.join(group)}")
+        preds = gen(
+            [inference.Prompt(ex.query, pixels[i]) for _, _, i, ex in flat], dc, desc=f"synthetic {'+'.join(group)}"
+        )
         for task in group:
             for lang in langs:
-                rows = [(i, ex, p) for (t, l, i, ex), p in zip(flat, preds) if (t, l) == (task, lang)]
-                predicted[lang][task] = [{"task": task, "image": i, "question": ex.query, "prediction": p,
-                                          "reference": ex.reference} | ({"kind": ex.kind} if ex.kind else {})
-                                         for i, ex, p in rows]
+                rows = [(i, ex, p) for (t, lg, i, ex), p in zip(flat, preds) if (t, lg) == (task, lang)]
+                predicted[lang][task] = [
+                    {"task": task, "image": i, "question": ex.query, "prediction": p, "reference": ex.reference}
+                    | ({"kind": ex.kind} if ex.kind else {})
+                    for i, ex, p in rows
+                ]
                 rows = [(ex, p) for _, ex, p in rows]
                 results[lang] |= _score(task, rows, lang, en_tokenizer)
     if "retrieval" in tasks and inference.has_itc_heads(params) and qformer_tokenizer is not None:
         stacked = np.stack(pixels)
         for lang in langs:
             captions = [ex.reference for ex in _examples(scenes, "caption", lang, seed)]
-            sim, *_ = inference.itc_similarity(params, cfg, stacked, captions, qformer_tokenizer,
-                                               batch_size=batch_size)
+            sim, *_ = inference.itc_similarity(params, cfg, stacked, captions, qformer_tokenizer, batch_size=batch_size)
             recall = retrieval.recall_at_k(sim, np.arange(n), ks=(1, 5))
             results[lang] |= {f"retrieval_{d}{k}": recall[f"{d.upper()}@{k}"] for d in ("ir", "tr") for k in (1, 5)}
     for lang in langs:
@@ -113,13 +138,20 @@ def evaluate_synthetic(params, cfg: ModelConfig, tokenizer, qformer_tokenizer, *
 def _score(task: str, rows, lang: str, en_tokenizer: str) -> dict:
     if task == "vqa":
         hits = [(ex.kind, vqa.exact_match(p, ex.reference, lang)) for ex, p in rows]
-        by_kind = {f"vqa_em_{kind}": vqa.mean(h for k, h in hits if k == kind)
-                   for kind in synthetic.VQA_KINDS if any(k == kind for k, _ in hits)}
+        by_kind = {
+            f"vqa_em_{kind}": vqa.mean(h for k, h in hits if k == kind)
+            for kind in synthetic.VQA_KINDS
+            if any(k == kind for k, _ in hits)
+        }
         return {"vqa_em": vqa.mean(h for _, h in hits)} | by_kind
     if task == "grounding":
         return {"grounding_acc": vqa.mean(grounding.grounding_hit(p, ex.box) for ex, p in rows)}
-    scores = captioning.caption_scores({str(k): [ex.reference] for k, (ex, _) in enumerate(rows)},
-                                       {str(k): p for k, (_, p) in enumerate(rows)}, lang, en_tokenizer=en_tokenizer)
+    scores = captioning.caption_scores(
+        {str(k): [ex.reference] for k, (ex, _) in enumerate(rows)},
+        {str(k): p for k, (_, p) in enumerate(rows)},
+        lang,
+        en_tokenizer=en_tokenizer,
+    )
     return {"cider": scores["CIDEr"], "bleu4": scores["BLEU-4"]}
 
 
@@ -141,4 +173,3 @@ def format_table(results: dict) -> str:
         for ex in results[lang].get("examples", []):
             lines.append(f"[{lang} {ex['task']}] {ex['question']!r} -> {ex['prediction']!r} (ref {ex['reference']!r})")
     return "\n".join(lines)
-

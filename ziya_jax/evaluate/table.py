@@ -4,6 +4,7 @@ Ziya-Visual-Chat's published numbers beside ours. All scores x100.
 The published numbers are the paper's (arXiv 2310.08166; docs/reference.md lists them); a row without a
 published number below is printed as n/a rather than guessed.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -48,8 +49,7 @@ def format_paper_table(scores: Mapping[str, Mapping]) -> str:
     """scores: {task output name: its scores dict} -> both tables; '-' = not evaluated, n/a = not published."""
     lines = _block("English benchmarks (paper Table 5 layout)", ENGLISH, scores)
     lines += [""] + _block("Chinese benchmarks (paper Table 6 layout)", CHINESE, scores)
-    conventions = sorted({s["tokenization"] for s in scores.values() if isinstance(s, Mapping) and
-                          "tokenization" in s})
+    conventions = sorted({s["tokenization"] for s in scores.values() if isinstance(s, Mapping) and "tokenization" in s})
     if conventions:
         lines += [""] + [f"captions: {c}" for c in conventions]
     return "\n".join(lines)

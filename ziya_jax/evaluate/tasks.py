@@ -1,5 +1,6 @@
 """The benchmark tasks: read a data set (`datasets`), ask the model (`inference`), score (`captioning`, `vqa`,
 `retrieval`). `run_task` returns per-example prediction records and the scores dict."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from tqdm.auto import tqdm
 
-from ziya_jax.data.images import load_image
 from ziya_jax.data import formats
+from ziya_jax.data.images import load_image
 from ziya_jax.decode import DecodeConfig
 from ziya_jax.evaluate import captioning, datasets, inference, retrieval, vqa
 
@@ -40,10 +41,14 @@ TASKS = {
 # Tasks whose translated (Chinese) versions the paper reports: same files, questions/answers in Chinese.
 TRANSLATABLE = ("vqav2", "gqa")
 PROMPTS = {
-    "vqa": {"en": "{question} Answer the question using a single word or phrase.",
-            "zh": "{question} 请用一个词或短语回答。"},
-    "vizwiz": {"en": "{question} When the image does not answer the question, reply 'unanswerable'. "
-                     "Answer the question using a single word or phrase."},
+    "vqa": {
+        "en": "{question} Answer the question using a single word or phrase.",
+        "zh": "{question} 请用一个词或短语回答。",
+    },
+    "vizwiz": {
+        "en": "{question} When the image does not answer the question, reply 'unanswerable'. "
+        "Answer the question using a single word or phrase."
+    },
     "choice": {"en": "{context}{question}\nOptions: {options}\nAnswer with the option's letter."},
 }
 LETTERS = "ABCDEFGHIJ"
@@ -52,6 +57,7 @@ LETTERS = "ABCDEFGHIJ"
 @dataclasses.dataclass
 class Settings:
     """How to ask the model: decoding, batching, prompt override and metric options."""
+
     batch_size: int = 32
     decode: DecodeConfig | None = None  # None: greedy with the task's max_new_tokens
     prompt: str | None = None  # a template with {question}
@@ -68,8 +74,14 @@ def output_name(task: str, lang: str, data_name: str = "") -> str:
     return f"{task}_zh" if task in TRANSLATABLE and lang == "zh" else task
 
 
-def load_items(task: str, data: str, image_dir: str | None, split: str | None, limit: int | None,
-               allow_any_image_path: bool = False):
+def load_items(
+    task: str,
+    data: str,
+    image_dir: str | None,
+    split: str | None,
+    limit: int | None,
+    allow_any_image_path: bool = False,
+):
     """The task's examples (checked, see `datasets`); an empty set is refused, as it has no score."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)} and synthetic")
@@ -82,8 +94,15 @@ def load_items(task: str, data: str, image_dir: str | None, split: str | None, l
 
 def _pixels(items, size: int, workers: int) -> list[np.ndarray]:
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        return list(tqdm(pool.map(lambda it: load_image(it.image, size), items), total=len(items), desc="images",
-                         unit="img", leave=False))
+        return list(
+            tqdm(
+                pool.map(lambda it: load_image(it.image, size), items),
+                total=len(items),
+                desc="images",
+                unit="img",
+                leave=False,
+            )
+        )
 
 
 def run_task(task: str, items: Sequence, params, cfg, tokenizer, qformer_tokenizer, settings: Settings):
@@ -103,16 +122,27 @@ def run_task(task: str, items: Sequence, params, cfg, tokenizer, qformer_tokeniz
         prompt = settings.prompt or formats.PROMPTS["caption"][lang]
         preds = gen([inference.Prompt(prompt, p) for p in pixels], dc, desc=task)
         refs = {it.id: it.references for it in items}
-        scores = captioning.caption_scores(refs, {it.id: p for it, p in zip(items, preds)}, lang,
-                                           en_tokenizer=settings.en_tokenizer, meteor=settings.meteor)
+        scores = captioning.caption_scores(
+            refs,
+            {it.id: p for it, p in zip(items, preds)},
+            lang,
+            en_tokenizer=settings.en_tokenizer,
+            meteor=settings.meteor,
+        )
         domains = sorted({it.meta["domain"] for it in items if "domain" in it.meta})
         for d in domains:  # NoCaps reports in-, near- and out-of-domain CIDEr too
             sub = [(it, p) for it, p in zip(items, preds) if it.meta.get("domain") == d]
-            scores[f"CIDEr_{d}"] = captioning.caption_scores({it.id: it.references for it, _ in sub},
-                                                             {it.id: p for it, p in sub}, lang, bleu=False,
-                                                             en_tokenizer=settings.en_tokenizer)["CIDEr"]
-        records = [{"id": it.id, "image": it.image, "prediction": p, "references": it.references}
-                   for it, p in zip(items, preds)]
+            scores[f"CIDEr_{d}"] = captioning.caption_scores(
+                {it.id: it.references for it, _ in sub},
+                {it.id: p for it, p in sub},
+                lang,
+                bleu=False,
+                en_tokenizer=settings.en_tokenizer,
+            )["CIDEr"]
+        records = [
+            {"id": it.id, "image": it.image, "prediction": p, "references": it.references}
+            for it, p in zip(items, preds)
+        ]
         return records, scores | {"n": len(items)}
     template = settings.prompt or PROMPTS["vizwiz" if spec.kind == "vizwiz" else "vqa"][lang]
     queries = [template.format(question=it.question) for it in items]
@@ -125,8 +155,9 @@ def run_task(task: str, items: Sequence, params, cfg, tokenizer, qformer_tokeniz
             answer = vqa.vizwiz_answer(pred) if spec.kind == "vizwiz" else pred
             score = vqa.vqa_accuracy(answer, it.answers, lang)
         per_type.setdefault(it.meta.get("answer_type") or "all", []).append(score)
-        records.append({"id": it.id, "question": it.question, "prediction": pred, "answers": it.answers,
-                        "score": score})
+        records.append(
+            {"id": it.id, "question": it.question, "prediction": pred, "answers": it.answers, "score": score}
+        )
     scores = {"accuracy": vqa.mean(r["score"] for r in records), "n": len(records)}
     if len(per_type) > 1:
         scores |= {f"accuracy_{t}": vqa.mean(v) for t, v in sorted(per_type.items())}
@@ -144,22 +175,37 @@ def _choice(items, pixels, gen: inference.Generator, settings: Settings):
         context = f"Context: {it.context}\n" if it.context else ""
         query = template.format(context=context, question=it.question, options=options)
         prompts.append(inference.Prompt(query, px))
-        letters.append(list(LETTERS[:len(it.choices)]))
+        letters.append(list(LETTERS[: len(it.choices)]))
     logps = gen.choice_logprobs(prompts, letters)
     records = []
     for it, lp in zip(items, logps):
         pick = int(np.argmax(lp))
-        records.append({"id": it.id, "question": it.question, "choices": it.choices, "prediction": pick,
-                        "answer": it.answer, "logprobs": lp, "score": float(pick == it.answer)})
+        records.append(
+            {
+                "id": it.id,
+                "question": it.question,
+                "choices": it.choices,
+                "prediction": pick,
+                "answer": it.answer,
+                "logprobs": lp,
+                "score": float(pick == it.answer),
+            }
+        )
     return records, {"accuracy": vqa.mean(r["score"] for r in records), "n": len(records)}
 
 
 def _retrieval(items, pixels, params, cfg, qformer_tokenizer, settings: Settings):
     texts = [r for it in items for r in it.references]
     text_image = [i for i, it in enumerate(items) for _ in it.references]
-    sim, ids, mask, embeds = inference.itc_similarity(params, cfg, np.stack(pixels), texts, qformer_tokenizer,
-                                                      batch_size=settings.batch_size,
-                                                      keep_image_embeds=settings.itm_top_k > 0)
+    sim, ids, mask, embeds = inference.itc_similarity(
+        params,
+        cfg,
+        np.stack(pixels),
+        texts,
+        qformer_tokenizer,
+        batch_size=settings.batch_size,
+        keep_image_embeds=settings.itm_top_k > 0,
+    )
     if settings.itm_top_k > 0:
         scorer = inference.itm_scorer(params, cfg, embeds, ids, mask, settings.batch_size)
         i2t, t2i = retrieval.rerank(sim, settings.itm_top_k, scorer)
@@ -167,6 +213,8 @@ def _retrieval(items, pixels, params, cfg, qformer_tokenizer, settings: Settings
     else:
         scores = retrieval.recall_at_k(sim, text_image)
     best_texts = np.argsort(-sim, axis=1, kind="stable")[:, :5]
-    records = [{"id": it.id, "image": it.image, "references": it.references,
-                "top_texts": [texts[j] for j in best_texts[i]]} for i, it in enumerate(items)]
+    records = [
+        {"id": it.id, "image": it.image, "references": it.references, "top_texts": [texts[j] for j in best_texts[i]]}
+        for i, it in enumerate(items)
+    ]
     return records, scores | {"n_images": len(items), "n_texts": len(texts), "itm_top_k": settings.itm_top_k}

@@ -13,6 +13,7 @@ tests where Java is present):
 Chinese is segmented with jieba (precise mode, HMM on); whitespace and punctuation-only tokens are dropped and
 Latin letters lower-cased. `CONVENTIONS` states both, and is written beside every caption score.
 """
+
 from __future__ import annotations
 
 import re
@@ -22,8 +23,9 @@ import unicodedata
 from ziya_jax.data.tokenizers import jieba_segmenter
 
 # The tokens pycocoevalcap removes after PTB tokenisation.
-PTB_DROPPED = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-",
-                         "--", "...", ";"])
+PTB_DROPPED = frozenset(
+    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
+)
 CONVENTIONS = {
     "en": "PTB tokenisation, lower-cased, punctuation tokens removed (pycocoevalcap)",
     "zh": "jieba 0.42 precise mode (HMM on), punctuation and whitespace tokens removed, Latin lower-cased",
@@ -33,8 +35,10 @@ _CLOSE = {")": "-rrb-", "]": "-rsb-", "}": "-rcb-"}
 _SYMBOLS = set("$#%*&")
 _QUOTES = set("\"'`")
 _TRAILING = set(",;:!?")
-_ABBREVIATIONS = frozenset("mr mrs ms dr st jr sr vs etc inc ltd co corp prof gen col lt sgt mt ft no jan feb mar "
-                           "apr jun jul aug sep sept oct nov dec".split())
+_ABBREVIATIONS = frozenset(
+    "mr mrs ms dr st jr sr vs etc inc ltd co corp prof gen col lt sgt mt ft no jan feb mar "
+    "apr jun jul aug sep sept oct nov dec".split()
+)
 _CLITIC = re.compile(r"^(.+?)(n't|'s|'m|'re|'ve|'ll|'d)$")
 _SPLIT_WORDS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"), "wanna": ("wan", "na")}
 _ACRONYM = re.compile(r"^([a-z]\.)+$")

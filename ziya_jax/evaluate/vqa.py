@@ -13,6 +13,7 @@ as the official script does. Score of one question: for each of the 10 answers l
 among the other 9 / 3, 1); the 10 values are averaged. The official script's one inverted table entry is kept
 (`somebody'd` -> `somebodyd`); its upper-case `I`-contractions never match lower-cased text, so they are absent.
 """
+
 from __future__ import annotations
 
 import re
@@ -40,7 +41,7 @@ def _contraction_table() -> dict[str, str]:
     for full in _CONTRACTED:
         for i, c in enumerate(full):
             if c == "'":
-                table[full[:i] + full[i + 1:]] = full
+                table[full[:i] + full[i + 1 :]] = full
     table["somebody'd"] = "somebodyd"
     return table
 
@@ -99,8 +100,10 @@ def exact_match(prediction: str, answer: str, lang: str = "en") -> bool:
 
 
 UNANSWERABLE = "unanswerable"
-_ABSTAIN = re.compile(r"^(unanswerable|unknown|not answerable|cannot (be )?answer(ed)?|can ?not tell|can't tell|"
-                      r"i (do not|don't) know|not sure|unclear|unsuitable( image)?|no answer)$")
+_ABSTAIN = re.compile(
+    r"^(unanswerable|unknown|not answerable|cannot (be )?answer(ed)?|can ?not tell|can't tell|"
+    r"i (do not|don't) know|not sure|unclear|unsuitable( image)?|no answer)$"
+)
 
 
 def vizwiz_answer(prediction: str) -> str:

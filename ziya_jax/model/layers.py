@@ -1,5 +1,6 @@
 """The primitives every model part shares: one Dense (with logical axes and optional LoRA), norms, attention,
 RoPE, and the scan/remat wrapper for layer stacks."""
+
 from __future__ import annotations
 
 import re
@@ -48,8 +49,10 @@ def _matmul_bwd(residuals, dy):
     if isinstance(dy, jax.custom_derivatives.SymbolicZero):
         return None, None
     product = lambda spec, a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dy.dtype)
-    return (None if w is None else product("...o,io->...i", dy, w),
-            None if x is None else product("...i,...o->io", x, dy))
+    return (
+        None if w is None else product("...o,io->...i", dy, w),
+        None if x is None else product("...i,...o->io", x, dy),
+    )
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd, symbolic_zeros=True)
@@ -72,6 +75,7 @@ class Dense(nn.Module):
     added: y = x W + b + (alpha / r) * dropout(x) A B. A kernel stored as int8 (ziya_jax.quantize, for decoding)
     has its per-output-channel scales beside it in kernel_scale [1, out] and is multiplied by int8_matmul.
     """
+
     features: int
     axes: tuple[str | None, str | None]
     use_bias: bool = True
@@ -83,25 +87,31 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         in_features = x.shape[-1]
-        kernel = self.param("kernel", logical(self.kernel_init, self.axes), (in_features, self.features),
-                            self.param_dtype)
+        kernel = self.param(
+            "kernel", logical(self.kernel_init, self.axes), (in_features, self.features), self.param_dtype
+        )
         x = x.astype(self.dtype)
         if kernel.dtype == jnp.int8:
-            scale = self.param("kernel_scale", logical(nn.initializers.ones, (None, self.axes[1])),
-                               (1, self.features), jnp.float32)
+            scale = self.param(
+                "kernel_scale", logical(nn.initializers.ones, (None, self.axes[1])), (1, self.features), jnp.float32
+            )
             y = int8_matmul(x, kernel, scale)
         else:
             y = matmul(x, kernel.astype(self.dtype))
         if self.use_bias:
-            bias = self.param("bias", logical(nn.initializers.zeros, self.axes[1:]), (self.features,),
-                              self.param_dtype)
+            bias = self.param("bias", logical(nn.initializers.zeros, self.axes[1:]), (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)
         if lora_applies(self.lora, self.scope.path):
             r = self.lora.rank
-            a = self.param("lora_a", logical(nn.initializers.normal(1.0 / r), (self.axes[0], None)),
-                           (in_features, r), self.param_dtype)
-            b = self.param("lora_b", logical(nn.initializers.zeros, (None, self.axes[1])), (r, self.features),
-                           self.param_dtype)
+            a = self.param(
+                "lora_a",
+                logical(nn.initializers.normal(1.0 / r), (self.axes[0], None)),
+                (in_features, r),
+                self.param_dtype,
+            )
+            b = self.param(
+                "lora_b", logical(nn.initializers.zeros, (None, self.axes[1])), (r, self.features), self.param_dtype
+            )
             h = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
             y = y + matmul(matmul(h, a.astype(self.dtype)) * (self.lora.alpha / r), b.astype(self.dtype))
         return y
@@ -130,6 +140,7 @@ def merge_lora(params, lora: LoraConfig):
 
 def lora_adapters(params):
     """The LoRA leaves alone (nested dicts holding only lora_a/lora_b), to keep beside a merged copy."""
+
     def visit(node):
         if not isinstance(node, dict):
             return None
@@ -156,6 +167,7 @@ def unmerge_lora(merged, adapters, lora: LoraConfig):
 
 class LayerNorm(nn.Module):
     """LayerNorm with torch's two-pass variance (so converted models match), statistics in float32."""
+
     epsilon: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -173,6 +185,7 @@ class LayerNorm(nn.Module):
 
 class RMSNorm(nn.Module):
     """LLaMA's RMSNorm: normalise in float32, cast back, then scale (the HF order of operations)."""
+
     epsilon: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -194,7 +207,7 @@ def attention(q, k, v, mask=None, dropout_rng=None, dropout_rate: float = 0.0):
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * d ** -0.5
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * d**-0.5
     if mask is not None:
         mask = jnp.broadcast_to(mask, (b, t, k.shape[1]))[:, None, None]
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
@@ -227,8 +240,7 @@ _REMAT = {
 }
 
 
-def scan_layers(block: type[nn.Module], length: int, remat_policy: str, unroll: int, in_axes: tuple,
-                static_argnums=()):
+def scan_layers(block: type[nn.Module], length: int, remat_policy: str, unroll: int, in_axes: tuple, static_argnums=()):
     """A layer stack as one scanned module: parameters gain a leading 'layers' axis, compile time stays flat
     (`unroll` layers per loop iteration).
 
@@ -237,6 +249,12 @@ def scan_layers(block: type[nn.Module], length: int, remat_policy: str, unroll: 
     """
     if remat_policy != "none":
         block = nn.remat(block, policy=_REMAT[remat_policy], prevent_cse=False, static_argnums=static_argnums)
-    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                   in_axes=in_axes, length=length, unroll=True if unroll >= length else unroll,  # True: no loop
-                   metadata_params={nn.PARTITION_NAME: "layers"})
+    return nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=in_axes,
+        length=length,
+        unroll=True if unroll >= length else unroll,  # True: no loop
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )

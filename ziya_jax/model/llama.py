@@ -4,6 +4,7 @@ Causality is over cache slots, padding over a key mask and RoPE over per-row pos
 full forward (slot = position in the sequence), left-padded batches, packed rows (several examples per row,
 kept apart by segment ids) and cached decoding one token at a time.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -24,8 +25,9 @@ class LlamaAttention(nn.Module):
     def __call__(self, x, positions, mask, cache, cache_index, deterministic):
         cfg = self.cfg
         b, t, _ = x.shape
-        dense = lambda n, name, axes: Dense(n, axes, use_bias=False, lora=self.lora, dtype=self.dtype,
-                                            param_dtype=self.param_dtype, name=name)
+        dense = lambda n, name, axes: Dense(
+            n, axes, use_bias=False, lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
         q = dense(cfg.num_heads * cfg.head_dim, "q_proj", ("embed", "heads"))(x, deterministic)
         k = dense(cfg.num_kv_heads * cfg.head_dim, "k_proj", ("embed", "kv_heads"))(x, deterministic)
         v = dense(cfg.num_kv_heads * cfg.head_dim, "v_proj", ("embed", "kv_heads"))(x, deterministic)
@@ -33,8 +35,9 @@ class LlamaAttention(nn.Module):
         k = rotary(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if cache is not None:  # [B, kv_heads, S, head_dim]: the score dot reads K without a transpose
-            write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(c, x.swapaxes(1, 2).astype(c.dtype),
-                                                                     cache_index, 2)
+            write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(
+                c, x.swapaxes(1, 2).astype(c.dtype), cache_index, 2
+            )
             cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
             k, v = cache["k"].swapaxes(1, 2), cache["v"].swapaxes(1, 2)
         out = attention(q, k.astype(self.dtype), v.astype(self.dtype), mask)
@@ -50,8 +53,9 @@ class LlamaMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic):
-        dense = lambda n, name, axes: Dense(n, axes, use_bias=False, lora=self.lora, dtype=self.dtype,
-                                            param_dtype=self.param_dtype, name=name)
+        dense = lambda n, name, axes: Dense(
+            n, axes, use_bias=False, lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
         gate = dense(self.cfg.mlp_dim, "gate_proj", ("embed", "mlp"))(x, deterministic)
         up = dense(self.cfg.mlp_dim, "up_proj", ("embed", "mlp"))(x, deterministic)
         return dense(self.cfg.width, "down_proj", ("mlp", "embed"))(nn.silu(gate) * up, deterministic)
@@ -68,10 +72,12 @@ class LlamaLayer(nn.Module):
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
         norm = lambda name: RMSNorm(self.cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
         h, cache = LlamaAttention(self.cfg, self.lora, self.dtype, self.param_dtype, name="self_attn")(
-            norm("input_layernorm")(x), positions, mask, cache, cache_index, deterministic)
+            norm("input_layernorm")(x), positions, mask, cache, cache_index, deterministic
+        )
         x = x + h
         x = x + LlamaMLP(self.cfg, self.lora, self.dtype, self.param_dtype, name="mlp")(
-            norm("post_attention_layernorm")(x), deterministic)
+            norm("post_attention_layernorm")(x), deterministic
+        )
         return x, cache
 
 
@@ -82,6 +88,7 @@ class Llama(nn.Module):
     per-layer {'k','v'}), for decoding: each step then reads every weight in place, where the scanned stack
     slices (on CPU: copies) each layer's weights out first.
     """
+
     cfg: LlamaConfig
     lora: LoraConfig = LoraConfig()
     dtype: jnp.dtype = jnp.float32
@@ -92,25 +99,50 @@ class Llama(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                                     embedding_init=logical(default_init, ("vocab", "embed")))
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size,
+            cfg.width,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            embedding_init=logical(default_init, ("vocab", "embed")),
+        )
         if self.unrolled:
             self.layers = [LlamaLayer(cfg, self.lora, self.dtype, self.param_dtype) for _ in range(cfg.depth)]
         else:
-            stack = scan_layers(LlamaLayer, cfg.depth, self.remat_policy, self.scan_unroll,
-                                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                                static_argnums=(6,))
+            stack = scan_layers(
+                LlamaLayer,
+                cfg.depth,
+                self.remat_policy,
+                self.scan_unroll,
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                static_argnums=(6,),
+            )
             self.layers = stack(cfg, self.lora, self.dtype, self.param_dtype)
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = Dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, lora=self.lora,
-                                 dtype=self.dtype, param_dtype=self.param_dtype)
+            self.lm_head = Dense(
+                cfg.vocab_size,
+                ("embed", "vocab"),
+                use_bias=False,
+                lora=self.lora,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )
 
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)
 
-    def __call__(self, embeds, positions, key_mask, cache=None, cache_index=None, deterministic=True,
-                 last_only=False, segment_ids=None):
+    def __call__(
+        self,
+        embeds,
+        positions,
+        key_mask,
+        cache=None,
+        cache_index=None,
+        deterministic=True,
+        last_only=False,
+        segment_ids=None,
+    ):
         """embeds [B, T, W]; positions [B, T]; key_mask [B, S] (S = T, or the cache length when decoding);
         cache {'k','v': [layers, B, kv_heads, S, head_dim]} (unrolled: a list of {'k','v': [B, kv_heads, S, ...]})
         written at slot cache_index; segment_ids [B, T] (packed rows, full forward only): tokens attend only within

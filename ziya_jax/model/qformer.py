@@ -7,6 +7,7 @@ Attention modes (static):
 - 'causal_text': queries attend to queries only; text attends to all queries and causally to earlier text (ITG).
 Layers are scanned in groups of `cross_attention_frequency` (the first of each group has cross-attention).
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -20,6 +21,7 @@ ATTENTION_MODES = ("bidirectional", "causal_text")
 
 class BertAttention(nn.Module):
     """Multi-head attention + output dense + residual LayerNorm (post-LN), HF names attention/output."""
+
     cfg: QFormerConfig
     lora: LoraConfig
     dtype: jnp.dtype
@@ -33,7 +35,8 @@ class BertAttention(nn.Module):
         rng = self.make_rng("dropout") if not deterministic and cfg.dropout > 0 else None
         out = attention(heads(q), heads(k), heads(v), mask, rng, cfg.dropout)
         return _Output(cfg, self.lora, self.dtype, self.param_dtype, name="output")(
-            out.reshape(x.shape), x, deterministic)
+            out.reshape(x.shape), x, deterministic
+        )
 
 
 class _Projections(nn.Module):
@@ -44,14 +47,20 @@ class _Projections(nn.Module):
 
     @nn.compact
     def __call__(self, x, kv, deterministic):
-        dense = lambda name: Dense(self.cfg.width, ("embed", "heads"), lora=self.lora, dtype=self.dtype,
-                                   param_dtype=self.param_dtype, name=name)
-        return (dense("query")(x, deterministic), dense("key")(kv, deterministic),
-                dense("value")(kv, deterministic))
+        dense = lambda name: Dense(
+            self.cfg.width,
+            ("embed", "heads"),
+            lora=self.lora,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+        return (dense("query")(x, deterministic), dense("key")(kv, deterministic), dense("value")(kv, deterministic))
 
 
 class _Output(nn.Module):
     """dense -> dropout -> LayerNorm(h + residual); used after attention (width in) and FFN (mlp in)."""
+
     cfg: QFormerConfig
     lora: LoraConfig
     dtype: jnp.dtype
@@ -60,8 +69,14 @@ class _Output(nn.Module):
 
     @nn.compact
     def __call__(self, h, residual, deterministic):
-        h = Dense(self.cfg.width, (self.in_axis, "embed"), lora=self.lora, dtype=self.dtype,
-                  param_dtype=self.param_dtype, name="dense")(h, deterministic)
+        h = Dense(
+            self.cfg.width,
+            (self.in_axis, "embed"),
+            lora=self.lora,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="dense",
+        )(h, deterministic)
         h = nn.Dropout(self.cfg.dropout)(h, deterministic=deterministic)
         return LayerNorm(self.cfg.layer_norm_eps, self.dtype, self.param_dtype, name="LayerNorm")(h + residual)
 
@@ -74,8 +89,14 @@ class _Intermediate(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic):
-        h = Dense(self.cfg.mlp_dim, ("embed", "mlp"), lora=self.lora, dtype=self.dtype,
-                  param_dtype=self.param_dtype, name="dense")(x, deterministic)
+        h = Dense(
+            self.cfg.mlp_dim,
+            ("embed", "mlp"),
+            lora=self.lora,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="dense",
+        )(x, deterministic)
         return nn.gelu(h, approximate=False)
 
 
@@ -106,6 +127,7 @@ class QFormerLayer(nn.Module):
 class QFormerGroup(nn.Module):
     """`cross_attention_frequency` consecutive layers; the first cross-attends. HF layer index =
     group * frequency + j for the sub-layer named layer_{j}."""
+
     cfg: QFormerConfig
     lora: LoraConfig
     dtype: jnp.dtype
@@ -114,8 +136,9 @@ class QFormerGroup(nn.Module):
     @nn.compact
     def __call__(self, x, num_queries, image_embeds, mask, deterministic):
         for j in range(self.cfg.cross_attention_frequency):
-            x = QFormerLayer(self.cfg, self.lora, self.dtype, self.param_dtype, cross_attention=(j == 0),
-                             name=f"layer_{j}")(x, num_queries, image_embeds, mask, deterministic)
+            x = QFormerLayer(
+                self.cfg, self.lora, self.dtype, self.param_dtype, cross_attention=(j == 0), name=f"layer_{j}"
+            )(x, num_queries, image_embeds, mask, deterministic)
         return x, None
 
 
@@ -137,6 +160,7 @@ class QFormer(nn.Module):
     """Parameters mirror HF: embeddings/{layernorm, word_embeddings, position_embeddings}, encoder/layer
     (stacked groups), and with pretrain heads the ITG head `cls` (transform + bias, decoder tied to the word
     embeddings)."""
+
     cfg: QFormerConfig
     lora: LoraConfig = LoraConfig()
     dtype: jnp.dtype = jnp.float32
@@ -148,23 +172,43 @@ class QFormer(nn.Module):
         cfg = self.cfg
         self.layernorm = LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype)
         if cfg.text_branch:
-            embed = lambda n: nn.Embed(n, cfg.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                                       embedding_init=logical(default_init, ("qformer_vocab", "embed")))
+            embed = lambda n: nn.Embed(
+                n,
+                cfg.width,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                embedding_init=logical(default_init, ("qformer_vocab", "embed")),
+            )
             self.word_embeddings = embed(cfg.vocab_size)
             self.position_embeddings = embed(cfg.max_position_embeddings)
-        stack = scan_layers(QFormerGroup, cfg.depth // cfg.cross_attention_frequency, self.remat_policy,
-                            self.scan_unroll, in_axes=(nn.broadcast,) * 4, static_argnums=(2, 5))
+        stack = scan_layers(
+            QFormerGroup,
+            cfg.depth // cfg.cross_attention_frequency,
+            self.remat_policy,
+            self.scan_unroll,
+            in_axes=(nn.broadcast,) * 4,
+            static_argnums=(2, 5),
+        )
         self.layer = stack(cfg, self.lora, self.dtype, self.param_dtype)
         self.dropout = nn.Dropout(cfg.dropout)
         if cfg.pretrain_heads:
-            self.lm_transform = Dense(cfg.width, ("embed", "embed_out"), lora=self.lora, dtype=self.dtype,
-                                      param_dtype=self.param_dtype)
+            self.lm_transform = Dense(
+                cfg.width, ("embed", "embed_out"), lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype
+            )
             self.lm_layernorm = LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype)
-            self.lm_bias = self.param("lm_bias", logical(nn.initializers.zeros, ("qformer_vocab",)), (cfg.vocab_size,),
-                                      self.param_dtype)
+            self.lm_bias = self.param(
+                "lm_bias", logical(nn.initializers.zeros, ("qformer_vocab",)), (cfg.vocab_size,), self.param_dtype
+            )
 
-    def __call__(self, queries, text_ids=None, text_mask=None, image_embeds=None, mode: str = "bidirectional",
-                 deterministic: bool = True):
+    def __call__(
+        self,
+        queries,
+        text_ids=None,
+        text_mask=None,
+        image_embeds=None,
+        mode: str = "bidirectional",
+        deterministic: bool = True,
+    ):
         """queries [B, Q, W] or None; text_ids/text_mask [B, T] or None; image_embeds [B, N, Wv] (needed when
         there are queries). -> hidden states [B, Q + T, W]."""
         parts = [] if queries is None else [queries.astype(self.dtype)]
@@ -173,8 +217,10 @@ class QFormer(nn.Module):
             if not self.cfg.text_branch:
                 raise ValueError("this Q-Former has no text branch (model.qformer.text_branch=False)")
             if text_ids.shape[-1] > self.cfg.max_position_embeddings:  # a lookup past the table gives NaN
-                raise ValueError(f"Q-Former text of {text_ids.shape[-1]} tokens; the Q-Former has "
-                                 f"{self.cfg.max_position_embeddings} positions")
+                raise ValueError(
+                    f"Q-Former text of {text_ids.shape[-1]} tokens; the Q-Former has "
+                    f"{self.cfg.max_position_embeddings} positions"
+                )
             positions = jnp.arange(text_ids.shape[1])
             parts.append(self.word_embeddings(text_ids) + self.position_embeddings(positions)[None])
         else:

@@ -4,6 +4,7 @@ then the separate ln_vision (HF `post_layernorm`).
 The qkv bias is one parameter [3W] as transformers stores it (initialised with a zero k slot as in LAVIS);
 keeping the k slot makes HF round trips lossless since that slot is trainable there.
 """
+
 from __future__ import annotations
 
 import einops
@@ -25,12 +26,14 @@ class VisionAttention(nn.Module):
     def __call__(self, x, deterministic):
         cfg = self.cfg
         b, t, w = x.shape
-        qkv = Dense(3 * w, ("embed", "heads"), lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="qkv")(x, deterministic)
+        qkv = Dense(
+            3 * w, ("embed", "heads"), lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype, name="qkv"
+        )(x, deterministic)
         q, k, v = jnp.split(qkv.reshape(b, t, 3, cfg.num_heads, w // cfg.num_heads), 3, axis=2)
         out = attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
-        return Dense(w, ("heads", "embed"), lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="projection")(out.reshape(b, t, w), deterministic)
+        return Dense(
+            w, ("heads", "embed"), lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype, name="projection"
+        )(out.reshape(b, t, w), deterministic)
 
 
 class VisionMLP(nn.Module):
@@ -41,8 +44,9 @@ class VisionMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic):
-        dense = lambda n, name, axes: Dense(n, axes, lora=self.lora, dtype=self.dtype,
-                                            param_dtype=self.param_dtype, name=name)
+        dense = lambda n, name, axes: Dense(
+            n, axes, lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
         h = nn.gelu(dense(self.cfg.mlp_dim, "fc1", ("embed", "mlp"))(x, deterministic), approximate=False)
         return dense(self.cfg.width, "fc2", ("mlp", "embed"))(h, deterministic)
 
@@ -59,7 +63,8 @@ class VisionLayer(nn.Module):
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
         norm = lambda name: LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name=name)
         x = x + VisionAttention(cfg, self.lora, self.dtype, self.param_dtype, name="self_attn")(
-            norm("layer_norm1")(x), deterministic)
+            norm("layer_norm1")(x), deterministic
+        )
         h = VisionMLP(cfg, self.lora, self.dtype, self.param_dtype, name="mlp")(norm("layer_norm2")(x), deterministic)
         return x + h, None
 
@@ -79,14 +84,22 @@ class VisionEmbeddings(nn.Module):
         grid = patches.shape[1:3]
         # A patchify followed by the shared Dense is the stride-p convolution; its kernel is the conv
         # kernel [p, p, 3, W] flattened.
-        x = Dense(cfg.width, ("patch", "embed"), lora=self.lora, dtype=self.dtype, param_dtype=self.param_dtype,
-                  name="patch_embedding")(patches, deterministic)
+        x = Dense(
+            cfg.width,
+            ("patch", "embed"),
+            lora=self.lora,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="patch_embedding",
+        )(patches, deterministic)
         x = x.reshape(x.shape[0], -1, cfg.width)
-        cls = self.param("class_embedding", logical(default_init, (None, None, "embed")), (1, 1, cfg.width),
-                         self.param_dtype)
+        cls = self.param(
+            "class_embedding", logical(default_init, (None, None, "embed")), (1, 1, cfg.width), self.param_dtype
+        )
         n = (cfg.image_size // p) ** 2
-        pos = self.param("position_embedding", logical(default_init, (None, None, "embed")), (1, n + 1, cfg.width),
-                         self.param_dtype)
+        pos = self.param(
+            "position_embedding", logical(default_init, (None, None, "embed")), (1, n + 1, cfg.width), self.param_dtype
+        )
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, cfg.width)), x], axis=1)
         return x + interpolate_positions(pos, grid).astype(self.dtype)
 
@@ -98,7 +111,7 @@ def interpolate_positions(pos, grid: tuple[int, int]):
     positions are close to, not equal to, transformers' interpolate_pos_encoding.
     """
     n = pos.shape[1] - 1
-    side = int(round(n ** 0.5))
+    side = int(round(n**0.5))
     if (side, side) == tuple(grid):
         return pos
     patch_pos = pos[:, 1:].reshape(1, side, side, -1)
@@ -108,6 +121,7 @@ def interpolate_positions(pos, grid: tuple[int, int]):
 
 class VisionTransformer(nn.Module):
     """Returns ln_vision(ViT(pixels)): [B, 1 + patches, width], the Q-Former's cross-attention input."""
+
     cfg: VisionConfig
     lora: LoraConfig = LoraConfig()
     dtype: jnp.dtype = jnp.float32
@@ -118,8 +132,15 @@ class VisionTransformer(nn.Module):
     @nn.compact
     def __call__(self, pixels, deterministic: bool = True):
         x = VisionEmbeddings(self.cfg, self.lora, self.dtype, self.param_dtype, name="embeddings")(
-            pixels, deterministic)
-        stack = scan_layers(VisionLayer, self.cfg.depth, self.remat_policy, self.scan_unroll,
-                            in_axes=(nn.broadcast,), static_argnums=(2,))
+            pixels, deterministic
+        )
+        stack = scan_layers(
+            VisionLayer,
+            self.cfg.depth,
+            self.remat_policy,
+            self.scan_unroll,
+            in_axes=(nn.broadcast,),
+            static_argnums=(2,),
+        )
         x, _ = stack(self.cfg, self.lora, self.dtype, self.param_dtype, name="layers")(x, deterministic)
         return LayerNorm(self.cfg.layer_norm_eps, self.dtype, self.param_dtype, name="post_layernorm")(x)

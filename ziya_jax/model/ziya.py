@@ -7,6 +7,7 @@ Chat also feeds it the instruction text, and only the query outputs go on to the
 (several examples per row) give each image its own example's instruction, and segment ids and per-example
 positions keep the examples apart in the LLM.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,20 +33,31 @@ def default_positions(attention_mask):
 class ZiyaVisual(nn.Module):
     """unrolled_llm: the LLM's layers as separate modules (Llama(unrolled=True)), for ziya_jax.decode on
     decode_params."""
+
     cfg: ModelConfig
     unrolled_llm: bool = False
 
     def setup(self):
         cfg = self.cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        common = dict(lora=cfg.lora, dtype=dtype, param_dtype=param_dtype, remat_policy=cfg.remat_policy,
-                      scan_unroll=cfg.scan_unroll)
+        common = dict(
+            lora=cfg.lora,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat_policy=cfg.remat_policy,
+            scan_unroll=cfg.scan_unroll,
+        )
         self.vision_model = VisionTransformer(cfg.vision, **common)
         self.qformer = QFormer(cfg.qformer, **common)
-        self.query_tokens = self.param("query_tokens", logical(default_init, (None, None, "embed")),
-                                       (1, cfg.num_query_tokens, cfg.qformer.width), param_dtype)
-        self.language_projection = Dense(cfg.llm.width, ("qformer_embed", "embed"), lora=cfg.lora, dtype=dtype,
-                                         param_dtype=param_dtype)
+        self.query_tokens = self.param(
+            "query_tokens",
+            logical(default_init, (None, None, "embed")),
+            (1, cfg.num_query_tokens, cfg.qformer.width),
+            param_dtype,
+        )
+        self.language_projection = Dense(
+            cfg.llm.width, ("qformer_embed", "embed"), lora=cfg.lora, dtype=dtype, param_dtype=param_dtype
+        )
         self.language_model = Llama(cfg.llm, **common, unrolled=self.unrolled_llm)
         if cfg.qformer.pretrain_heads:
             head = lambda n, axes: Dense(n, axes, lora=cfg.lora, dtype=dtype, param_dtype=param_dtype)
@@ -83,14 +95,33 @@ class ZiyaVisual(nn.Module):
         gathered = jnp.take_along_axis(image_features, index[..., None], axis=1)
         return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
 
-    def language(self, embeds, positions, key_mask, cache=None, cache_index=None, deterministic: bool = True,
-                 last_only: bool = False, segment_ids=None):
+    def language(
+        self,
+        embeds,
+        positions,
+        key_mask,
+        cache=None,
+        cache_index=None,
+        deterministic: bool = True,
+        last_only: bool = False,
+        segment_ids=None,
+    ):
         """The LLM alone on embeddings (prefill and cached decode steps)."""
-        return self.language_model(embeds, positions, key_mask, cache, cache_index, deterministic, last_only,
-                                   segment_ids)
+        return self.language_model(
+            embeds, positions, key_mask, cache, cache_index, deterministic, last_only, segment_ids
+        )
 
-    def __call__(self, input_ids, attention_mask, pixel_values=None, qformer_ids=None, qformer_mask=None,
-                 positions=None, deterministic: bool = True, segment_ids=None):
+    def __call__(
+        self,
+        input_ids,
+        attention_mask,
+        pixel_values=None,
+        qformer_ids=None,
+        qformer_mask=None,
+        positions=None,
+        deterministic: bool = True,
+        segment_ids=None,
+    ):
         """Full forward -> logits [B, T, vocab] (float32). Packed rows pass segment_ids [B, T] (0 on padding,
         k on the k-th example's tokens) and positions counted from 0 in each example."""
         features = None
@@ -99,8 +130,9 @@ class ZiyaVisual(nn.Module):
         embeds = self.embed_inputs(input_ids, features)
         if positions is None:
             positions = default_positions(attention_mask)
-        logits, _ = self.language(embeds, positions, attention_mask, deterministic=deterministic,
-                                  segment_ids=segment_ids)
+        logits, _ = self.language(
+            embeds, positions, attention_mask, deterministic=deterministic, segment_ids=segment_ids
+        )
         return logits
 
     def initialize(self, input_ids, pixel_values, qformer_ids):
@@ -117,7 +149,7 @@ def dummy_inputs(cfg: ModelConfig, batch: int = 1, text_len: int = 4):
     """Smallest inputs that reach every parameter (for init and eval_shape)."""
     size = cfg.vision.image_size
     input_ids = jnp.full((batch, cfg.num_query_tokens + text_len), cfg.image_token_id, jnp.int32)
-    input_ids = input_ids.at[:, cfg.num_query_tokens:].set(0)
+    input_ids = input_ids.at[:, cfg.num_query_tokens :].set(0)
     pixels = jnp.zeros((batch, 1, size, size, 3), jnp.float32)
     qformer_ids = jnp.zeros((batch, text_len), jnp.int32) if cfg.qformer.text_branch else None
     return input_ids, pixels, qformer_ids
@@ -126,8 +158,16 @@ def dummy_inputs(cfg: ModelConfig, batch: int = 1, text_len: int = 4):
 # Every normal-initialised weight is drawn from default_init, normal(0.02); init_fn rescales each to its
 # tower's initializer_range. Keys are the top-level parameter names and the weight's own name.
 _NORMAL_INIT = ("kernel", "embedding", "class_embedding", "position_embedding", "query_tokens")
-_TOWER = {"vision_model": "vision", "qformer": "qformer", "query_tokens": "qformer", "vision_proj": "qformer",
-          "text_proj": "qformer", "itm_head": "qformer", "language_model": "llm", "language_projection": "llm"}
+_TOWER = {
+    "vision_model": "vision",
+    "qformer": "qformer",
+    "query_tokens": "qformer",
+    "vision_proj": "qformer",
+    "text_proj": "qformer",
+    "itm_head": "qformer",
+    "language_model": "llm",
+    "language_projection": "llm",
+}
 
 
 def init_std(cfg: ModelConfig, path: tuple[str, ...]) -> float | None:
@@ -152,6 +192,7 @@ def init_fn(cfg: ModelConfig):
     def fresh(rng):
         params = model.init(rng, *dummy_inputs(cfg), method=ZiyaVisual.initialize)["params"]
         return jax.tree_util.tree_map_with_path(rescale, params)
+
     return fresh
 
 

@@ -4,6 +4,7 @@ Trains the config's stage (or each of its stages) into DIR; rerunning the same c
 existing config keys only (a typo is an error). Exit status: 0 done, 1 error, 2 bad usage, 3 diverged (non-finite
 loss), 143 stopped by SIGTERM after saving.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,9 @@ import sys
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(prog="python -m ziya_jax.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ziya_jax.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="configs/X.py[:arg], the file defines get_config(arg)")
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics, TensorBoard events, models")
     args, rest = parser.parse_known_args(argv)
@@ -22,7 +24,7 @@ def parse(argv):
     for item in rest:
         if not item.startswith("--config.") or "=" not in item:
             parser.error(f"unrecognised argument {item!r} (config overrides look like --config.train.seed=3)")
-        overrides.append(item[len("--config."):])
+        overrides.append(item[len("--config.") :])
     return args, overrides
 
 
@@ -44,8 +46,11 @@ def main(argv=None) -> int:
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
     if "://" in args.workdir:
-        print(f"error: --workdir {args.workdir}: give a filesystem path (every host of a multi-host job must see "
-              "the same one; mount a bucket with gcsfuse, as launch/tpu.py does)", file=sys.stderr)
+        print(
+            f"error: --workdir {args.workdir}: give a filesystem path (every host of a multi-host job must see "
+            "the same one; mount a bucket with gcsfuse, as launch/tpu.py does)",
+            file=sys.stderr,
+        )
         return 2
     from ziya_jax.train.loop import Preempted, TrainingDiverged, check_config, run
 

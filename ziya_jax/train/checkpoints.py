@@ -1,5 +1,6 @@
 """Training checkpoints (Orbax CheckpointManager): the train state and the data iterator's state in the same step,
 async saves every N steps, keep the last K; restore falls back to an older step when the newest is unreadable."""
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,9 @@ class Checkpoints:
         """Saves when the step is due (or force); returns whether a save started."""
         if not (force or self.due(step)):
             return False
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=grain.checkpoint.CheckpointSave(data_iterator))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+        )
         return self.manager.save(step, args=args, force=True)
 
     def restore_latest(self, abstract_state, data_iterator):
@@ -43,19 +45,30 @@ class Checkpoints:
         steps = sorted(self.manager.all_steps(), reverse=True)
         for step in steps:
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=grain.checkpoint.CheckpointRestore(data_iterator)))
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        data=grain.checkpoint.CheckpointRestore(data_iterator),
+                    ),
+                )
             except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous step
-                log.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one",
-                            step, self.manager.directory, type(e).__name__, e)
+                log.warning(
+                    "checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one",
+                    step,
+                    self.manager.directory,
+                    type(e).__name__,
+                    e,
+                )
                 continue
             if step != steps[0]:
-                self._move_aside(steps[:steps.index(step)])
+                self._move_aside(steps[: steps.index(step)])
             return restored["state"], step
         if steps:
-            raise RuntimeError(f"checkpoints {steps} exist in {self.manager.directory} but none could be read; "
-                               "refusing to restart from step 0")
+            raise RuntimeError(
+                f"checkpoints {steps} exist in {self.manager.directory} but none could be read; "
+                "refusing to restart from step 0"
+            )
         return None
 
     def _move_aside(self, steps):

@@ -6,6 +6,7 @@ tensorboard/, and when the stage is done model/ (params + model config, what the
 chat and export read) and eval.json. Running the same command again resumes where it stopped; a finished
 stage is not trained again.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,8 @@ import numpy as np
 from ziya_jax.checkpoint import load_model, load_model_config
 from ziya_jax.config import ModelConfig
 from ziya_jax.data import pipeline, synthetic
-from ziya_jax.data.tokenizers import check_vocabularies, load_tokenizers
 from ziya_jax.data.tfds_builders import data_source
+from ziya_jax.data.tokenizers import check_vocabularies, load_tokenizers
 from ziya_jax.sharding import global_batch, init_sharded, make_mesh, param_shardings, rules_from_config
 from ziya_jax.train.checkpoints import Checkpoints, abstract, save_final
 from ziya_jax.train.observe import Reporter, matmul_flops, peak_flops
@@ -62,8 +63,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             continue
         directory = stage.data.tokenizers
         if directory != DEMO_TOKENIZERS and not (isinstance(directory, str) and os.path.isdir(directory)):
-            raise ValueError(f"{prefix}data.tokenizers={directory!r}: no such folder (give a folder holding "
-                             f"llm.model or tokenizer.model, or {DEMO_TOKENIZERS!r})")
+            raise ValueError(
+                f"{prefix}data.tokenizers={directory!r}: no such folder (give a folder holding "
+                f"llm.model or tokenizer.model, or {DEMO_TOKENIZERS!r})"
+            )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -104,8 +107,14 @@ def sources(data: ml_collections.ConfigDict, image_size: int) -> list[pipeline.S
             records = data_source(s.name, s.split, s.data_dir)
         else:
             raise ValueError(f"data.sources[{i}].kind={s.kind!r}: use 'synthetic' or 'tfds'")
-        out.append(pipeline.Source(records, s.get("task", pipeline.AUTO), s.get("weight", 1.0),
-                                   f"{s.kind}:{s.get('name', '')}{s.split}/{s.get('task', pipeline.AUTO)}"))
+        out.append(
+            pipeline.Source(
+                records,
+                s.get("task", pipeline.AUTO),
+                s.get("weight", 1.0),
+                f"{s.kind}:{s.get('name', '')}{s.split}/{s.get('task', pipeline.AUTO)}",
+            )
+        )
     return out
 
 
@@ -116,11 +125,16 @@ def data_config(data: ml_collections.ConfigDict, cfg: ModelConfig, stage1: bool)
     options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.to_dict().items() if k in fields}
     options["qformer_text_len"] = qformer_text_len(data, cfg, stage1)
     if options["batch_size"] % jax.process_count():
-        raise ValueError(f"data.batch_size={options['batch_size']} (global) does not divide among "
-                         f"{jax.process_count()} processes")
+        raise ValueError(
+            f"data.batch_size={options['batch_size']} (global) does not divide among {jax.process_count()} processes"
+        )
     options["batch_size"] //= jax.process_count()
-    return pipeline.DataConfig(num_query_tokens=cfg.num_query_tokens, image_token_id=cfg.image_token_id,
-                               image_size=cfg.vision.image_size, **options)
+    return pipeline.DataConfig(
+        num_query_tokens=cfg.num_query_tokens,
+        image_token_id=cfg.image_token_id,
+        image_size=cfg.vision.image_size,
+        **options,
+    )
 
 
 def batches(data: ml_collections.ConfigDict, cfg: ModelConfig, stage1: bool, tok, qtok):
@@ -147,8 +161,13 @@ def initial_params(cfg: ModelConfig, init_from: str, mesh, rules, seed: int):
         raise ValueError(f"{init_from}: shapes differ from this stage's model for {['/'.join(p) for p in mismatched]}")
     fresh = sorted("/".join(p) for p in new if p not in old)
     dropped = sorted("/".join(p) for p in old if p not in new)
-    log.info("init_from %s: %d tensors loaded; fresh: %s; not used: %s", init_from, len(new) - len(fresh),
-             fresh or "none", dropped or "none")
+    log.info(
+        "init_from %s: %d tensors loaded; fresh: %s; not used: %s",
+        init_from,
+        len(new) - len(fresh),
+        fresh or "none",
+        dropped or "none",
+    )
     return unflatten({p: old.get(p, v) for p, v in new.items()})
 
 
@@ -199,7 +218,8 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
     step_fn = jit_train_step(cfg, stage, tx, lr_at, mesh, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = jax.jit(lambda p, r: init_state(p, stage, tx, r), out_shardings=shardings)(
-            params, jax.random.key(train.seed + 1))
+            params, jax.random.key(train.seed + 1)
+        )
         del params
         restored = checkpoints.restore_latest(abstract(state), data_iter)
         start = 0
@@ -207,8 +227,10 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
             state, start = restored
             if start > total:  # its model would not be the one this config trains
                 checkpoints.close()
-                raise ValueError(f"{workdir}: the checkpoint of step {start} is past train.optimizer.total_steps="
-                                 f"{total}; raise total_steps, or train in a new workdir")
+                raise ValueError(
+                    f"{workdir}: the checkpoint of step {start} is past train.optimizer.total_steps="
+                    f"{total}; raise total_steps, or train in a new workdir"
+                )
             print(f"{workdir}: resuming from the checkpoint of step {start}")
         reporter = Reporter(workdir, total, start, config.log_every, f"stage {config.stage}")
         stop = _SigtermFlag()
@@ -227,11 +249,14 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
                 raise TrainingDiverged(
                     f"step {step}: loss {metrics['loss']}, grad norm {metrics['grad_norm']}; stopping. The last "
                     f"good checkpoint (step {checkpoints.manager.latest_step()}) in {workdir} is untouched: "
-                    "lower the learning rate or check the data, then rerun to resume from it")
-            metrics.update(examples_per_s=count_examples(host_batch) * jax.process_count() / seconds,
-                           tokens_per_s=_count_tokens(host_batch) * jax.process_count() / seconds,
-                           mfu=flops / seconds / peak if peak else 0.0,
-                           skipped=skipped)
+                    "lower the learning rate or check the data, then rerun to resume from it"
+                )
+            metrics.update(
+                examples_per_s=count_examples(host_batch) * jax.process_count() / seconds,
+                tokens_per_s=_count_tokens(host_batch) * jax.process_count() / seconds,
+                mfu=flops / seconds / peak if peak else 0.0,
+                skipped=skipped,
+            )
             reporter.step(step, metrics)
 
         try:
@@ -264,8 +289,10 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
                 if evaluate_now:
                     scores = _flat_scores(evaluate(config, state.params(), cfg, tok, qtok))
                     reporter.scalars(step, "eval", scores)
-                    reporter.write(f"eval at step {step}: " + " ".join(f"{k}={v:.1f}" for k, v in scores.items()
-                                                                       if not k.endswith("/n")))
+                    reporter.write(
+                        f"eval at step {step}: "
+                        + " ".join(f"{k}={v:.1f}" for k, v in scores.items() if not k.endswith("/n"))
+                    )
             checkpoints.wait()
         finally:
             stop.restore()
@@ -288,13 +315,27 @@ def evaluate(config, params, cfg: ModelConfig, tok, qtok, show: int = 0) -> dict
         return {}
     from ziya_jax.evaluate.synthetic import evaluate_synthetic
 
-    return evaluate_synthetic(params, cfg, tok, qtok, image_size=cfg.vision.image_size, n=config.eval.n,
-                              batch_size=config.eval.batch_size, tasks=tuple(config.eval.tasks), show=show)
+    return evaluate_synthetic(
+        params,
+        cfg,
+        tok,
+        qtok,
+        image_size=cfg.vision.image_size,
+        n=config.eval.n,
+        batch_size=config.eval.batch_size,
+        tasks=tuple(config.eval.tasks),
+        show=show,
+    )
 
 
 def _flat_scores(results: dict) -> dict[str, float]:
-    return {f"{lang}/{k}": v for lang, scores in results.items() if isinstance(scores, dict)
-            for k, v in scores.items() if isinstance(v, (int, float))}
+    return {
+        f"{lang}/{k}": v
+        for lang, scores in results.items()
+        if isinstance(scores, dict)
+        for k, v in scores.items()
+        if isinstance(v, (int, float))
+    }
 
 
 def _read_eval(workdir: str) -> dict:

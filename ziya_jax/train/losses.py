@@ -4,6 +4,7 @@ Stage 1 (BLIP-2 Q-Former pre-training): ITC, ITM with hard negatives, ITG. Stage
 loss on answer tokens only. Under jit with a sharded batch the batch axis is global, so ITC's and ITM's
 negatives already come from every data-parallel shard (GSPMD inserts the gathers).
 """
+
 from __future__ import annotations
 
 import jax
@@ -38,8 +39,10 @@ def itc_similarities(image_feats, text_feats, temp):
 
 def itc_loss(sim_i2t, sim_t2i, label_smoothing: float = 0.1):
     labels = jnp.arange(sim_i2t.shape[0])
-    return (cross_entropy(sim_i2t, labels, label_smoothing=label_smoothing)
-            + cross_entropy(sim_t2i, labels, label_smoothing=label_smoothing)) / 2
+    return (
+        cross_entropy(sim_i2t, labels, label_smoothing=label_smoothing)
+        + cross_entropy(sim_t2i, labels, label_smoothing=label_smoothing)
+    ) / 2
 
 
 def hard_negatives(rng, sim):
@@ -52,8 +55,9 @@ def _l2_normalise(x):
     return x / jnp.maximum(jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True), 1e-12)
 
 
-def _stage1(module: ZiyaVisual, pixel_values, text_ids, text_mask, rng, dec_token_id: int, names: tuple,
-            deterministic: bool):
+def _stage1(
+    module: ZiyaVisual, pixel_values, text_ids, text_mask, rng, dec_token_id: int, names: tuple, deterministic: bool
+):
     """The requested ones of ITC, ITM, ITG for (image, caption) pairs; text_ids start with the CLS token."""
     q = module.cfg.num_query_tokens
     image_embeds = module.vision_model(pixel_values, deterministic)
@@ -73,8 +77,9 @@ def _stage1(module: ZiyaVisual, pixel_values, text_ids, text_mask, rng, dec_toke
         itm_images = jnp.concatenate([image_embeds, image_embeds[neg_image], image_embeds])
         itm_text = jnp.concatenate([text_ids, text_ids, text_ids[neg_text]])
         itm_mask = jnp.concatenate([text_mask, text_mask, text_mask[neg_text]])
-        itm_out = module.qformer(jnp.concatenate([queries] * 3), itm_text, itm_mask, itm_images, "bidirectional",
-                                 deterministic)
+        itm_out = module.qformer(
+            jnp.concatenate([queries] * 3), itm_text, itm_mask, itm_images, "bidirectional", deterministic
+        )
         b = text_ids.shape[0]
         itm_labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(2 * b, jnp.int32)])
         losses["itm"] = cross_entropy(module.itm_head(itm_out[:, :q]).mean(1), itm_labels)
@@ -86,8 +91,7 @@ def _stage1(module: ZiyaVisual, pixel_values, text_ids, text_mask, rng, dec_toke
     return losses
 
 
-def stage1_losses(params, cfg, batch, rng, dec_token_id: int, names=("itc", "itm", "itg"),
-                  deterministic: bool = False):
+def stage1_losses(params, cfg, batch, rng, dec_token_id: int, names=("itc", "itm", "itg"), deterministic: bool = False):
     """The requested losses of {'itc', 'itm', 'itg'} for batch {'pixel_values' [B, H, W, 3], 'text_ids',
     'text_mask' [B, T]}; unrequested ones are not computed."""
     unknown = set(names) - {"itc", "itm", "itg"}
@@ -95,19 +99,43 @@ def stage1_losses(params, cfg, batch, rng, dec_token_id: int, names=("itc", "itm
         raise ValueError(f"unknown stage-1 losses {sorted(unknown)}")
     rng_neg, rng_drop = jax.random.split(rng)
     return ZiyaVisual(cfg).apply(
-        {"params": params}, batch["pixel_values"], batch["text_ids"], batch["text_mask"], rng_neg, dec_token_id,
-        tuple(names), deterministic, method=_stage1, rngs={"dropout": rng_drop})
+        {"params": params},
+        batch["pixel_values"],
+        batch["text_ids"],
+        batch["text_mask"],
+        rng_neg,
+        dec_token_id,
+        tuple(names),
+        deterministic,
+        method=_stage1,
+        rngs={"dropout": rng_drop},
+    )
 
 
 def instruction_losses(params, cfg, batch, rng, deterministic: bool = False):
     """{'lm'} for an instruction batch (input_ids, attention_mask, loss_mask, pixel_values [, qformer_ids/mask]
     [, positions, segment_ids when rows are packed])."""
     logits = ZiyaVisual(cfg).apply(
-        {"params": params}, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-        batch.get("qformer_ids"), batch.get("qformer_mask"), batch.get("positions"), deterministic=deterministic,
-        segment_ids=batch.get("segment_ids"), rngs={"dropout": rng})
+        {"params": params},
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["pixel_values"],
+        batch.get("qformer_ids"),
+        batch.get("qformer_mask"),
+        batch.get("positions"),
+        deterministic=deterministic,
+        segment_ids=batch.get("segment_ids"),
+        rngs={"dropout": rng},
+    )
     return {"lm": lm_loss(logits, batch["input_ids"], batch["loss_mask"])}
 
 
-__all__ = ["cross_entropy", "lm_loss", "itc_similarities", "itc_loss", "hard_negatives", "stage1_losses",
-           "instruction_losses"]
+__all__ = [
+    "cross_entropy",
+    "lm_loss",
+    "itc_similarities",
+    "itc_loss",
+    "hard_negatives",
+    "stage1_losses",
+    "instruction_losses",
+]

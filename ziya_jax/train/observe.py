@@ -1,6 +1,7 @@
 """What a run shows while it trains: a progress bar, TensorBoard event files and metrics.jsonl in the workdir,
 and the FLOP figures behind the MFU estimate (counted from the traced program: XLA's cost analysis counts a
 scanned layer stack's body once)."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,17 @@ from tqdm.auto import tqdm
 from ziya_jax.model.layers import matmul
 
 # Dense bf16 matmul peaks per chip (vendor figures), by a substring of jax's device_kind.
-PEAK_FLOPS = (("v6 lite", 918e12), ("v6e", 918e12), ("v5p", 459e12), ("v5 lite", 197e12), ("v5e", 197e12),
-              ("v4", 275e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12))
+PEAK_FLOPS = (
+    ("v6 lite", 918e12),
+    ("v6e", 918e12),
+    ("v5p", 459e12),
+    ("v5 lite", 197e12),
+    ("v5e", 197e12),
+    ("v4", 275e12),
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+)
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -36,7 +46,7 @@ def measure_matmul_flops(n: int | None = None, dtype=jnp.float32, seconds: float
             out = square(a)
         out.block_until_ready()
         runs += 10
-    return 2 * n ** 3 * runs / (time.perf_counter() - start)
+    return 2 * n**3 * runs / (time.perf_counter() - start)
 
 
 def peak_flops(device=None) -> tuple[float, str]:
@@ -61,8 +71,12 @@ def matmul_flops(jaxpr) -> float:
             total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in lhs_contract)
         elif name == "conv_general_dilated":
             rhs = eqn.invars[1].aval.shape  # the kernel: out features x (in features / groups) x window
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs) / rhs[
-                eqn.params["dimension_numbers"].rhs_spec[0]]
+            total += (
+                2.0
+                * math.prod(eqn.outvars[0].aval.shape)
+                * math.prod(rhs)
+                / rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+            )
         subs = [matmul_flops(j) for j in jaxprs_in_params(eqn.params)]
         if name == "cond":
             total += max(subs, default=0.0)
@@ -80,8 +94,9 @@ class Reporter:
         from tensorboardX import SummaryWriter
 
         self.lead = jax.process_index() == 0
-        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, smoothing=0.1,
-                        disable=not self.lead)
+        self.bar = tqdm(
+            total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, smoothing=0.1, disable=not self.lead
+        )
         self.log_every = log_every
         if self.lead:
             os.makedirs(workdir, exist_ok=True)

@@ -1,5 +1,6 @@
 """The train state and the pure train step. A stage is data: which parameters train (regexes), which losses
 with which weights, and the optimizer; nothing here branches on the stage number."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,6 +41,7 @@ def merge(trainable, frozen):
 @dataclasses.dataclass(frozen=True)
 class Stage:
     """What one training stage does, read from config.train."""
+
     trainable: tuple[str, ...]
     loss_weights: tuple[tuple[str, float], ...]
     dec_token_id: int = -1  # the Q-Former tokenizer's [DEC]; needed when ITG is among the losses
@@ -71,8 +73,9 @@ def init_state(params, stage: Stage, tx: optax.GradientTransformation, rng) -> T
         raise ValueError(f"train.trainable={stage.trainable} matches no parameter")
     if stage.frozen_dtype:
         frozen = jax.tree.map(lambda p: p.astype(stage.frozen_dtype), frozen)
-    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
-                      opt_state=tx.init(trainable), rng=rng)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen, opt_state=tx.init(trainable), rng=rng
+    )
 
 
 def stage_losses(params, cfg: ModelConfig, stage: Stage, batch, rng, deterministic=False) -> dict:
@@ -82,8 +85,14 @@ def stage_losses(params, cfg: ModelConfig, stage: Stage, batch, rng, determinist
     return instruction_losses(params, cfg, batch, rng, deterministic)
 
 
-def train_step(state: TrainState, batch, cfg: ModelConfig, stage: Stage, tx: optax.GradientTransformation,
-               lr_schedule: optax.Schedule):
+def train_step(
+    state: TrainState,
+    batch,
+    cfg: ModelConfig,
+    stage: Stage,
+    tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+):
     """One optimizer step -> (new state, metrics). Jit it with everything but state and batch bound
     (functools.partial), e.g. tx = make_optimizer(opt), lr_schedule = schedule(opt)."""
     rng, step_rng = jax.random.split(state.rng)

@@ -15,6 +15,7 @@ synthetic.GRID.
 It takes well under a minute on 2 CPU cores, so it keeps no checkpoints: an interrupted run starts over, and a
 finished one (its model/ folder exists) is skipped, as any stage. It runs in one process on the default device.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -38,6 +39,7 @@ class CellHeads(nn.Module):
     """The ViT (parameters named as in the model, vision_model/...) and linear heads on each patch token: one per
     attribute, and one naming the token's own cell -> {attribute: logits [B, cells, classes + 1],
     "cell": logits [B, cells, cells]}."""
+
     cfg: VisionConfig
     scan_unroll: int = 1
 
@@ -50,10 +52,13 @@ class CellHeads(nn.Module):
 
 def cell_batches(split: str, n: int, image_size: int, batch_size: int, seed: int) -> grain.MapDataset:
     """Batch k (of an endless, seeded shuffle of n scenes): pixel_values [B, S, S, 3], labels [B, cells, 3]."""
+
     def example(index):
         image, scene = synthetic.generate(split, int(index), image_size)
-        return {"pixel_values": images.to_pixels(Image.fromarray(image), image_size),
-                "labels": synthetic.cell_labels(scene)}
+        return {
+            "pixel_values": images.to_pixels(Image.fromarray(image), image_size),
+            "labels": synthetic.cell_labels(scene),
+        }
 
     return grain.MapDataset.range(n).shuffle(seed=seed).repeat().map(example).batch(batch_size, drop_remainder=True)
 
@@ -62,29 +67,39 @@ def cell_loss(logits: dict, labels):
     """Sum over attributes of the mean cross-entropy over every cell (empty cells included), plus the mean
     cross-entropy of each token naming its own cell."""
     own_cell = jnp.broadcast_to(jnp.arange(labels.shape[1]), labels.shape[:2])
-    return sum(optax.softmax_cross_entropy_with_integer_labels(logits[a], labels[..., k]).mean()
-               for k, a in enumerate(synthetic.CELL_ATTRIBUTES)) + \
-        optax.softmax_cross_entropy_with_integer_labels(logits["cell"], own_cell).mean()
+    return (
+        sum(
+            optax.softmax_cross_entropy_with_integer_labels(logits[a], labels[..., k]).mean()
+            for k, a in enumerate(synthetic.CELL_ATTRIBUTES)
+        )
+        + optax.softmax_cross_entropy_with_integer_labels(logits["cell"], own_cell).mean()
+    )
 
 
 def cell_accuracy(logits: dict, labels) -> dict:
     """Per attribute, the fraction of occupied cells read correctly."""
     occupied = labels[..., 0] < len(synthetic.CELL_ATTRIBUTES["color"])
-    return {f"{a}_acc": ((logits[a].argmax(-1) == labels[..., k]) * occupied).sum() / occupied.sum()
-            for k, a in enumerate(synthetic.CELL_ATTRIBUTES)}
+    return {
+        f"{a}_acc": ((logits[a].argmax(-1) == labels[..., k]) * occupied).sum() / occupied.sum()
+        for k, a in enumerate(synthetic.CELL_ATTRIBUTES)
+    }
 
 
 def train_vision(config: ml_collections.ConfigDict, workdir: str, final: str) -> dict:
     """Trains the ViT of config.model on cell labels (metrics in workdir) and writes the model to `final` -> {}
     (no test-split evaluation; the validation accuracies are printed and logged)."""
     if jax.process_count() > 1:
-        raise ValueError("vision pretraining (the demo's stage 0) runs in one process; run it alone, then pass its "
-                         "model to stage 1 as train.init_from")
+        raise ValueError(
+            "vision pretraining (the demo's stage 0) runs in one process; run it alone, then pass its "
+            "model to stage 1 as train.init_from"
+        )
     cfg = ModelConfig.from_dict(config.model.to_dict())
     size, data, train = cfg.vision.image_size, config.data, config.train
     if size // cfg.vision.patch_size != synthetic.GRID:
-        raise ValueError(f"vision pretraining reads one grid cell per patch token: image_size / patch_size must be "
-                         f"{synthetic.GRID}, got {size} / {cfg.vision.patch_size}")
+        raise ValueError(
+            f"vision pretraining reads one grid cell per patch token: image_size / patch_size must be "
+            f"{synthetic.GRID}, got {size} / {cfg.vision.patch_size}"
+        )
     model = CellHeads(cfg.vision, cfg.scan_unroll)
     full = init_params(cfg, jax.random.key(train.seed))
     params = model.init(jax.random.key(train.seed), jnp.zeros((1, size, size, 3)))["params"]
@@ -93,8 +108,9 @@ def train_vision(config: ml_collections.ConfigDict, workdir: str, final: str) ->
 
     @jax.jit
     def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(lambda p: cell_loss(model.apply({"params": p}, batch["pixel_values"]),
-                                                             batch["labels"]))(params)
+        loss, grads = jax.value_and_grad(
+            lambda p: cell_loss(model.apply({"params": p}, batch["pixel_values"]), batch["labels"])
+        )(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -107,8 +123,10 @@ def train_vision(config: ml_collections.ConfigDict, workdir: str, final: str) ->
             params, opt_state, loss = step(params, opt_state, batches[k])
             reporter.step(k + 1, {"loss": float(loss), "lr": float(lr_at(k))})
         val = cell_batches("validation", data.eval_n, size, data.eval_n, 0)[0]
-        scores = {k: float(v) for k, v in cell_accuracy(model.apply({"params": params}, val["pixel_values"]),
-                                                         val["labels"]).items()}
+        scores = {
+            k: float(v)
+            for k, v in cell_accuracy(model.apply({"params": params}, val["pixel_values"]), val["labels"]).items()
+        }
         reporter.scalars(total, "eval", scores)
     finally:
         reporter.close()
