@@ -15,6 +15,8 @@ from ziya_jax.config import ModelConfig, load_config
 from ziya_jax.sharding import DEFAULT_RULES, make_mesh
 from ziya_jax.train.observe import matmul_flops
 
+pytestmark = pytest.mark.slow  # not in the fast lane (pytest -m "not slow")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -2,7 +2,6 @@
 
 import io
 import struct
-import time
 import zlib
 
 import numpy as np
@@ -105,9 +104,9 @@ def test_bad_images_are_named_by_reason(tmp_path):
 
 @pytest.mark.parametrize("declared,limit", [((60000, 60000), images.DEFAULT_MAX_PIXELS), ((3000, 3000), 1_000_000)])
 def test_decompression_bombs_are_refused_from_the_header(declared, limit):
-    start = time.perf_counter()
-    e = reason_of(png_header_only(*declared), max_pixels=limit)
-    assert e.reason == errors.DECOMPRESSION_BOMB and time.perf_counter() - start < 1.0
+    # The file holds 64 bytes of pixel data: decoding it would fail as a truncated image, so this reason shows
+    # that the refusal came from the header alone.
+    assert reason_of(png_header_only(*declared), max_pixels=limit).reason == errors.DECOMPRESSION_BOMB
     # A real image just over the limit is refused too; one within it decodes.
     assert reason_of(encode(Image.fromarray(RGB)), max_pixels=599).reason == errors.DECOMPRESSION_BOMB
     assert images.open_rgb(encode(Image.fromarray(RGB)), max_pixels=600).size == (30, 20)

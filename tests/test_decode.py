@@ -10,6 +10,8 @@ from hf_models import IMAGE_TOKEN, NUM_QUERIES, make_hf_model, to_jax_pixels
 from ziya_jax.convert import load_hf
 from ziya_jax.decode import DecodeConfig, decode_params, generate
 
+pytestmark = pytest.mark.slow  # not in the fast lane (pytest -m "not slow")
+
 PAD = 0
 
 

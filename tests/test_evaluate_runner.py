@@ -22,6 +22,8 @@ from ziya_jax.evaluate.__main__ import main
 from ziya_jax.evaluate.synthetic import evaluate_synthetic, format_table, max_new_tokens_for
 from ziya_jax.model import abstract_params
 
+pytestmark = pytest.mark.slow  # not in the fast lane (pytest -m "not slow")
+
 N, BATCH = 6, 4
 HEADS = ("vision_proj", "text_proj", "itm_head", "temp")
 

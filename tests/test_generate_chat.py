@@ -30,6 +30,8 @@ from ziya_jax.decode import DecodeConfig
 from ziya_jax.evaluate.inference import Generator, Prompt
 from ziya_jax.model import ZiyaVisual, init_params
 
+pytestmark = pytest.mark.slow  # not in the fast lane (pytest -m "not slow")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTION = "What colour is the circle?"
 NEW_TOKENS = 6

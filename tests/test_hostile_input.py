@@ -15,6 +15,8 @@ from PIL import Image
 from safetensors.numpy import save_file
 from test_train_loop import TEST_CONFIG, environment, train_command
 
+pytestmark = pytest.mark.slow  # not in the fast lane (pytest -m "not slow")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data", "eval")
 

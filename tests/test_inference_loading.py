@@ -14,6 +14,8 @@ from ziya_jax.checkpoint import save_model
 from ziya_jax.config import ModelConfig, load_config
 from ziya_jax.model import init_params
 
+pytestmark = pytest.mark.slow  # not in the fast lane (pytest -m "not slow")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EIGHT_DEVICES = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 

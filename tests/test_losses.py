@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ziya_jax.config import ModelConfig, load_config
 from ziya_jax.model import init_params
@@ -68,6 +69,7 @@ def test_hard_negatives_follow_similarity_and_skip_positive():
     assert abs((draws[:, 1] == 0).mean() - 0.5) < 0.1  # {0, 0}: even
 
 
+@pytest.mark.slow
 def test_stage1_losses_are_finite_and_reach_the_qformer():
     cfg = ModelConfig.from_dict(load_config("configs/tiny.py:stage=1").model.to_dict())
     params = init_params(cfg, jax.random.key(0))

@@ -12,6 +12,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # not in the fast lane (pytest -m "not slow")
 
 STEPS, GLOBAL_BATCH = 3, 8
 

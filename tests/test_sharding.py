@@ -12,6 +12,8 @@ from ziya_jax.config import ModelConfig, load_config
 from ziya_jax.model import ZiyaVisual, init_params
 from ziya_jax.sharding import DEFAULT_RULES, batch_sharding, init_sharded, make_mesh
 
+pytestmark = pytest.mark.slow  # not in the fast lane (pytest -m "not slow")
+
 
 def test_make_mesh_fills_minus_one_and_rejects_bad_shapes():
     assert dict(make_mesh((2, -1, 2)).shape) == {"data": 2, "fsdp": 2, "tensor": 2}

@@ -20,6 +20,8 @@ from ziya_jax.train import loop, sharded
 from ziya_jax.train.observe import read_metrics
 from ziya_jax.tree import flatten, matches
 
+pytestmark = pytest.mark.slow  # not in the fast lane (pytest -m "not slow")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
 

@@ -18,6 +18,8 @@ from ziya_jax.train.optimizer import default_optimizer, make_optimizer, schedule
 from ziya_jax.train.step import Stage, init_state, train_step
 from ziya_jax.tree import flatten, matches
 
+pytestmark = pytest.mark.slow  # not in the fast lane (pytest -m "not slow")
+
 OPT = default_optimizer(lr=1e-3, warmup_init_lr=1e-3, warmup_steps=0, total_steps=10)
 
 

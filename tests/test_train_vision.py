@@ -11,6 +11,8 @@ from ziya_jax.data import synthetic
 from ziya_jax.train import loop
 from ziya_jax.train.vision import cell_accuracy, cell_batches, cell_loss
 
+pytestmark = pytest.mark.slow  # not in the fast lane (pytest -m "not slow")
+
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
 CLASSES = [len(names) + 1 for names in synthetic.CELL_ATTRIBUTES.values()]
 
