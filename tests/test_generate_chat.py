@@ -183,6 +183,18 @@ def test_chat_turn_by_turn_gives_the_model_the_pipeline_input(setup):
     assert session.turns[2].query.startswith(formats.IMAGE) and not session.turns[0].query.startswith(formats.IMAGE)
 
 
+def test_a_blank_answer_is_not_kept_and_the_chat_goes_on(setup):
+    root, params, cfg, tok, qtok = setup
+    silent = {**params, "language_model": {**params["language_model"]}}
+    kernel = np.array(params["language_model"]["lm_head"]["kernel"])
+    kernel[:, tok.eos_id] = 1e3  # EOS first, always
+    silent["language_model"]["lm_head"] = {"kernel": jnp.asarray(kernel)}
+    session = ChatSession(silent, cfg, tok, qtok, DecodeConfig(max_new_tokens=3))
+    session.add_image(str(root / "img.png"))
+    assert session.ask("What is this?").text == "" and session.ask("And now?").text == ""
+    assert session.turns == [] and len(session.pending) == 1
+
+
 def test_a_long_chat_drops_its_oldest_turns_and_says_so(setup):
     root, params, cfg, tok, qtok = setup
     question = "Describe every object in the picture in as much detail as you can, please. " * 2

@@ -80,9 +80,11 @@ class ChatSession:
         )
         text = self.tok.decode([int(t) for t in tokens[0, : lengths[0]] if t != self.tok.eos_id])
         dropped_images = sum(map(len, self.turn_images[:dropped]))
-        self.turns = [*self.turns[dropped:], formats.Turn(self._placed(query), text)]
-        self.turn_images = [*self.turn_images[dropped:], self.pending]
-        self.pending = []
+        self.turns, self.turn_images = self.turns[dropped:], self.turn_images[dropped:]
+        if text.strip():  # a blank answer is not kept: a prompt cannot hold an empty turn; its images stay pending
+            self.turns.append(formats.Turn(self._placed(query), text))
+            self.turn_images.append(self.pending)
+            self.pending = []
         return Answer(text, dropped, dropped_images)
 
 
