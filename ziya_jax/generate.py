@@ -29,7 +29,7 @@ def parse_ids(text: str, flag: str) -> list[int]:
         raise ValueError(f"{flag} wants comma-separated integers, got {text!r}") from None
 
 
-def raw_inputs(args, cfg, num_images: int) -> tuple[dict, DecodeConfig]:
+def raw_inputs(args, cfg, num_images: int) -> dict:
     """--input-ids (and --qformer-input-ids): the model input as given, placeholders put first if missing."""
     ids = parse_ids(args.input_ids, "--input-ids")
     if num_images and cfg.image_token_id not in ids:
@@ -40,8 +40,7 @@ def raw_inputs(args, cfg, num_images: int) -> tuple[dict, DecodeConfig]:
             raise ValueError("a Chat model with --input-ids also needs --qformer-input-ids")
         q = np.asarray([parse_ids(args.qformer_input_ids, "--qformer-input-ids")], np.int32)
         batch.update(qformer_ids=q, qformer_mask=np.ones_like(q))
-    eos = cfg.llm.eos_token_id if args.eos_token_id is None else args.eos_token_id
-    return batch, DecodeConfig(eos_token_id=eos, pad_token_id=cfg.llm.pad_token_id)
+    return batch
 
 
 def main(argv=None) -> int:
@@ -66,17 +65,14 @@ def main(argv=None) -> int:
         pixels = [images.load_image(p, cfg.vision.image_size) for p in args.image]
         dc = cli.decode_config(args, DecodeConfig())
         if args.prompt is not None:
-            turn = formats.Turn(args.prompt, None)
-            batch = {
-                k: v[None]
-                for k, v in formats.prompt_input(
-                    [turn], len(pixels), model.tok, model.qtok, cfg, dc.max_new_tokens
-                ).items()
-            }
+            turns = [formats.Turn(args.prompt, None)]
+            inputs = formats.prompt_input(turns, len(pixels), model.tok, model.qtok, cfg, dc.max_new_tokens)
+            batch = {k: v[None] for k, v in inputs.items()}
             dc = dataclasses.replace(dc, eos_token_id=model.tok.eos_id, pad_token_id=model.tok.pad_id)
         else:
-            batch, ids_dc = raw_inputs(args, cfg, len(pixels))
-            dc = dataclasses.replace(dc, eos_token_id=ids_dc.eos_token_id, pad_token_id=ids_dc.pad_token_id)
+            batch = raw_inputs(args, cfg, len(pixels))
+            eos = cfg.llm.eos_token_id if args.eos_token_id is None else args.eos_token_id
+            dc = dataclasses.replace(dc, eos_token_id=eos, pad_token_id=cfg.llm.pad_token_id)
         tokens, lengths = generate(
             model.params,
             cfg,
