@@ -90,11 +90,6 @@ def check_inputs(ids, mask, pixel_values, qformer_ids, qformer_mask, cfg: ModelC
     if qformer_ids is not None:
         qmask = np.ones_like(qformer_ids) if qformer_mask is None else qformer_mask
         tables.append(("Q-Former ids", qformer_ids, qmask, cfg.qformer.vocab_size))
-        if np.shape(qformer_ids)[-1] > cfg.qformer.max_position_embeddings:
-            raise ValueError(
-                f"Q-Former instruction of {np.shape(qformer_ids)[-1]} tokens; the Q-Former has "
-                f"{cfg.qformer.max_position_embeddings} positions"
-            )
     for name, values, valid, size in tables:
         values = np.asarray(values)[np.asarray(valid).astype(bool)]
         bad = values[(values < 0) | (values >= size)]
