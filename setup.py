@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+SERVE = ["fastapi>=0.115", "uvicorn>=0.30", "prometheus-client>=0.20", "gradio>=5"]
+
 setup(
     name="ziya_jax",
     version="0.1.0",
@@ -35,12 +37,24 @@ setup(
                 ("evaluate", "evaluate.__main__"),
                 ("convert", "convert.__main__"),
                 ("compile", "compile"),
+                ("serve", "serve.__main__"),
             )
         ]
     },
     extras_require={
         # Ground truth for the tests: transformers (PyTorch, CPU) on the same weights.
-        "dev": ["pytest>=8", "torch==2.13.0", "transformers>=5.23,<6", "jax[tpu]", "ruff==0.17.6"],
+        "dev": [
+            "pytest>=8",
+            "torch==2.13.0",
+            "transformers>=5.23,<6",
+            "jax[tpu]",
+            "ruff==0.17.6",
+            *SERVE,
+            "openai>=2",  # the official client the server is tested with
+            "selenium>=4.20",  # drives Chromium over the chat page
+        ],
+        # python -m ziya_jax.serve: the OpenAI-compatible API, its metrics, and the chat page.
+        "serve": SERVE,
         # Compiling for TPU topologies on any host (python -m ziya_jax.compile), and running on TPU VMs. jax[tpu]
         # pins the libtpu built for the installed jax: libtpu 0.0.52 beside jax 0.10.2 crashed jax.profiler.
         "tpu": ["jax[tpu]"],

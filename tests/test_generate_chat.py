@@ -1,12 +1,6 @@
 """generate and chat, run as a user runs them, against an independent reference; chat's input against the
-data pipeline's for the same conversation.
+data pipeline's for the same conversation, on conftest's tiny_chat model."""
 
-The model is a tiny Chat model whose Q-Former has fewer positions (24) than InstructBLIP's instruction budget
-(128), with an instruction length of its own (20): no path may read past the position table. Its LLM context is
-128 tokens, so that a chat outgrows it. It is untrained, with a large LM head so that greedy answers depend on
-the input."""
-
-import dataclasses
 import io
 import json
 import os
@@ -17,18 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 from ziya_jax.chat import ChatSession
-from ziya_jax.checkpoint import save_model
-from ziya_jax.config import ModelConfig, load_config
 from ziya_jax.data import formats, pipeline
 from ziya_jax.data.images import load_image
-from ziya_jax.data.synthetic import train_demo_tokenizers
-from ziya_jax.data.tokenizers import load_tokenizers
 from ziya_jax.decode import DecodeConfig
 from ziya_jax.evaluate.inference import Generator, Prompt
-from ziya_jax.model import ZiyaVisual, init_params
+from ziya_jax.model import ZiyaVisual
 
 pytestmark = pytest.mark.slow  # not in the fast lane (pytest -m "not slow")
 
@@ -38,28 +27,8 @@ NEW_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    train_demo_tokenizers(str(root / "ckpt_tok"))
-    tok, qtok = load_tokenizers(str(root / "ckpt_tok"))
-    base = ModelConfig.from_dict(load_config("configs/tiny.py:variant=chat,stage=2").model.to_dict())
-    cfg = dataclasses.replace(
-        base,
-        image_token_id=tok.vocab_size,
-        instruction_len=20,
-        qformer=dataclasses.replace(base.qformer, vocab_size=qtok.vocab_size, max_position_embeddings=24),
-        llm=dataclasses.replace(
-            base.llm, vocab_size=tok.vocab_size + 1, eos_token_id=tok.eos_id, max_position_embeddings=128
-        ),
-    )
-    params = init_params(cfg, jax.random.key(0))
-    params["language_model"]["lm_head"]["kernel"] = params["language_model"]["lm_head"]["kernel"] * 50
-    save_model(str(root / "ckpt"), params, cfg)
-    os.rename(root / "ckpt_tok", root / "ckpt" / "tokenizer")  # where the CLIs look by default
-    rng = np.random.default_rng(0)
-    for name in ("img.png", "img2.png"):
-        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(root / name)
-    return root, params, cfg, tok, qtok
+def setup(tiny_chat):
+    return tiny_chat
 
 
 def reference_greedy(params, cfg, tok, qtok, pixels, question, steps):

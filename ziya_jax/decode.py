@@ -115,13 +115,19 @@ def process_logits(logits, seen, step, dc: DecodeConfig):
         kth = jax.lax.top_k(logits, min(dc.top_k, logits.shape[-1]))[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if dc.top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)  # ascending
-        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        removable = cumulative <= 1.0 - dc.top_p
-        removable = removable.at[:, -1].set(False)  # always keep the most likely token
-        threshold = jnp.min(jnp.where(removable, jnp.inf, sorted_logits), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+        logits = nucleus(logits, dc.top_p)
     return logits
+
+
+def nucleus(logits, top_p):
+    """Top-p filtering of logits [B, V] (transformers' TopPLogitsWarper): the least likely tokens whose total
+    probability is at most 1 - top_p get -inf; top_p is a number or one per row [B, 1]."""
+    sorted_logits = jnp.sort(logits, axis=-1)  # ascending
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    removable = cumulative <= 1.0 - top_p
+    removable = removable.at[:, -1].set(False)  # always keep the most likely token
+    threshold = jnp.min(jnp.where(removable, jnp.inf, sorted_logits), axis=-1, keepdims=True)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
 def _prefill(model, params, input_ids, mask, pixel_values, qformer_ids, qformer_mask, total):

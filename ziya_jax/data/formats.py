@@ -278,15 +278,16 @@ class PromptTooLong(ValueError):
 
 
 def prompt_input(
-    turns: Sequence[Turn], num_images: int, tok, qformer_tok, cfg, max_new_tokens: int
+    turns: Sequence[Turn], num_images: int, tok, qformer_tok, cfg, max_new_tokens: int, prefix: str = ""
 ) -> dict[str, np.ndarray]:
-    """What a model (cfg: its ModelConfig) reads to answer the last turn (answer None) of a conversation:
-    `model_input` unpadded, with max_new_tokens of the LLM's context left free. -> {input_ids, attention_mask
-    [, qformer_ids, qformer_mask]}, each [T]. Raises PromptTooLong, or ValueError for other bad input."""
+    """What a model (cfg: its ModelConfig) reads to answer the last turn (answer None) of a conversation, with
+    `prefix` before its first turn: `model_input` unpadded, with max_new_tokens of the LLM's context left free.
+    -> {input_ids, attention_mask [, qformer_ids, qformer_mask]}, each [T]. Raises PromptTooLong, or ValueError
+    for other bad input."""
     context = cfg.llm.max_position_embeddings - max_new_tokens
     try:
         arrays, _ = model_input(
-            Conversation(tuple(turns)),
+            Conversation(tuple(turns), prefix),
             num_images,
             tok,
             qformer_tok,

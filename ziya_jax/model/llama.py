@@ -35,8 +35,10 @@ class LlamaAttention(nn.Module):
         k = rotary(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if cache is not None:  # [B, kv_heads, S, head_dim]: the score dot reads K without a transpose
-            write = lambda c, x: jax.lax.dynamic_update_slice_in_dim(
-                c, x.swapaxes(1, 2).astype(c.dtype), cache_index, 2
+            write = lambda c, x: (
+                c.at[jnp.arange(b), :, cache_index].set(x[:, 0].astype(c.dtype))  # one token a row, own slot
+                if jnp.ndim(cache_index)
+                else jax.lax.dynamic_update_slice_in_dim(c, x.swapaxes(1, 2).astype(c.dtype), cache_index, 2)
             )
             cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
             k, v = cache["k"].swapaxes(1, 2), cache["v"].swapaxes(1, 2)
@@ -142,12 +144,14 @@ class Llama(nn.Module):
         deterministic=True,
         last_only=False,
         segment_ids=None,
+        logits_at=None,
     ):
         """embeds [B, T, W]; positions [B, T]; key_mask [B, S] (S = T, or the cache length when decoding);
         cache {'k','v': [layers, B, kv_heads, S, head_dim]} (unrolled: a list of {'k','v': [B, kv_heads, S, ...]})
-        written at slot cache_index; segment_ids [B, T] (packed rows, full forward only): tokens attend only within
-        their own segment. -> (logits f32 [B, T, vocab], or [B, 1, vocab] with last_only, all a prefill needs,
-        cache)."""
+        written at slot cache_index (an int, or [B] ints with T = 1: each row at its own slot); segment_ids [B, T]
+        (packed rows, full forward only): tokens attend only within their own segment. -> (logits f32 [B, T,
+        vocab], or [B, 1, vocab] of the last token with last_only, or of token logits_at [B] of each row, all a
+        prefill needs, cache)."""
         x = embeds.astype(self.dtype)
         cache_index = 0 if cache is None else cache_index
         mask = attention_mask(key_mask, x.shape[1], cache_index, segment_ids)
@@ -159,6 +163,8 @@ class Llama(nn.Module):
             cache = None if cache is None else caches
         else:
             x, cache = self.layers(x, cache, positions, mask, cache_index, deterministic)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         x = self.norm(x[:, -1:] if last_only else x)
         if self.cfg.tie_word_embeddings:
             logits = self.embed_tokens.attend(x)
@@ -168,12 +174,12 @@ class Llama(nn.Module):
 
 
 def attention_mask(key_mask, length: int, first_slot=0, segment_ids=None):
-    """bool [B, T, S], made once for all layers: the query at cache slot first_slot + i (i < length) sees the keys
-    at slots up to its own that key_mask [B, S] marks valid and, given segment_ids [B, T] (a full forward, S = T),
-    only those of its own segment."""
-    query_slot = first_slot + jnp.arange(length)
-    causal = query_slot[:, None] >= jnp.arange(key_mask.shape[1])[None, :]
-    mask = causal[None] & key_mask[:, None, :].astype(bool)
+    """bool [B, T, S], made once for all layers: the query at cache slot first_slot + i (i < length; first_slot an
+    int or one per row [B]) sees the keys at slots up to its own that key_mask [B, S] marks valid and, given
+    segment_ids [B, T] (a full forward, S = T), only those of its own segment."""
+    query_slot = jnp.reshape(first_slot, (-1, 1)) + jnp.arange(length)  # [1 or B, T]
+    causal = query_slot[:, :, None] >= jnp.arange(key_mask.shape[1])
+    mask = causal & key_mask[:, None, :].astype(bool)
     if segment_ids is not None:
         mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
     return mask

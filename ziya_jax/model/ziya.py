@@ -105,10 +105,11 @@ class ZiyaVisual(nn.Module):
         deterministic: bool = True,
         last_only: bool = False,
         segment_ids=None,
+        logits_at=None,
     ):
         """The LLM alone on embeddings (prefill and cached decode steps)."""
         return self.language_model(
-            embeds, positions, key_mask, cache, cache_index, deterministic, last_only, segment_ids
+            embeds, positions, key_mask, cache, cache_index, deterministic, last_only, segment_ids, logits_at
         )
 
     def __call__(
