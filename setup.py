@@ -1,6 +1,11 @@
 from setuptools import find_packages, setup
 
-SERVE = ["fastapi>=0.115", "uvicorn>=0.30", "prometheus-client>=0.20", "gradio>=5"]
+SERVE = [
+    "fastapi>=0.115",
+    "uvicorn>=0.30",
+    "prometheus-client>=0.20",
+    "gradio>=6,<7",
+]  # the page relies on Gradio 6's chat format
 
 setup(
     name="ziya_jax",

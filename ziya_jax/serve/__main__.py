@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     parser.add_argument("--api-key-file", help="a file holding the API key (keys never go on the command line)")
     parser.add_argument("--image-root", help="file:// image URLs are read from under this folder only")
     parser.add_argument("--max-tokens", type=int, default=Limits.max_tokens, help="the largest max_tokens allowed")
-    parser.add_argument("--max-images", type=int, default=Limits.max_images, help="images per request")
+    parser.add_argument("--max-images", type=int, default=4, help="images per request")
     parser.add_argument("--no-page", action="store_true", help="serve the API alone, without the chat page")
     args = parser.parse_args(argv)
     try:
@@ -53,14 +53,14 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    limits = Limits(max_tokens=args.max_tokens, max_images=args.max_images)
+    limits = Limits(max_tokens=args.max_tokens)
     engine = Engine(
         model.params,
         model.cfg,
         eos_token_id=model.tok.eos_id,
         pad_token_id=model.tok.pad_id,
         slots=args.slots,
-        max_images=limits.max_images,
+        max_images=args.max_images,
         max_queue=args.queue,
     )
     name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))

@@ -197,8 +197,7 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
             )
         settings, stop = sampling(body), stop_strings(body.stop, service.limits.max_stop)
         prefix, turns, urls = conversation(body.messages)
-        if len(urls) > service.limits.max_images:
-            raise ServeError(400, f"{len(urls)} images; this server takes at most {service.limits.max_images}")
+        service.check_image_count(len(urls))  # before decoding any
         pixels = [service.load_image(url) for url in urls]
         generation = service.submit(turns, pixels, settings, prefix)
         reply = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": service.model_name}

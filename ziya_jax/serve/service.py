@@ -21,7 +21,6 @@ from ziya_jax.serve.engine import Engine, Event, QueueFull, Request, Sampling
 @dataclasses.dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = 32 * 2**20
-    max_images: int = 4  # per request
     max_pixels: int = 25_000_000  # per image, read from its header before decoding
     max_tokens: int = 512  # the largest max_tokens a request may ask for
     max_stop: int = 4  # stop strings per request
@@ -106,6 +105,10 @@ class Service:
             )
         else:
             raise ServeError(400, f"unsupported image URL scheme {scheme!r:.20}", "messages")
+        return self.decode_image(source)
+
+    def decode_image(self, source) -> np.ndarray:
+        """Image bytes or a file path -> normalised pixels [H, W, 3], within the server's limits."""
         try:
             image = images.open_rgb(source, max_pixels=self.limits.max_pixels, max_bytes=self.limits.max_body_bytes)
             return images.to_pixels(image, self.cfg.vision.image_size)
@@ -115,6 +118,10 @@ class Service:
                     400, f"an image is larger than this server takes ({self.limits.max_pixels} pixels)", "messages"
                 ) from None
             raise ServeError(400, f"an image could not be read: {e.reason}: {e.detail}"[:300], "messages") from None
+
+    def check_image_count(self, n: int):
+        if n > self.engine.max_images:
+            raise ServeError(400, f"{n} images; this server takes at most {self.engine.max_images}", "messages")
 
     def request(
         self,
@@ -126,8 +133,7 @@ class Service:
     ) -> Request:
         """The engine's request for the last turn's question (its answer None), built as every inference path
         builds its prompt."""
-        if len(pixels) > self.limits.max_images:
-            raise ServeError(400, f"{len(pixels)} images; this server takes at most {self.limits.max_images}")
+        self.check_image_count(len(pixels))
         if sampling.max_tokens is None:  # as much as the context leaves, up to the cap
             room = self.cfg.llm.max_position_embeddings - len(self._prompt(turns, pixels, 0, prefix)["input_ids"])
             sampling = dataclasses.replace(sampling, max_tokens=max(1, min(self.limits.max_tokens, room)))
