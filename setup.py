@@ -50,6 +50,7 @@ setup(
         # Ground truth for the tests: transformers (PyTorch, CPU) on the same weights.
         "dev": [
             "pytest>=8",
+            "pytest-xdist>=3.5",  # the suite runs on two workers (-n 2)
             "torch==2.13.0",
             "transformers>=5.23,<6",
             "jax[tpu]",

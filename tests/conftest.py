@@ -1,21 +1,17 @@
 import os
+import tempfile
 
 # Multi-device code is tested on forced host devices; this must happen before jax is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import tempfile  # noqa: E402
-
-import jax  # noqa: E402
-
-# Many tests compile the same tiny programs; a per-run persistent cache compiles each once.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="ziya-jax-cache-"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-
+# Many tests compile the same tiny programs, in process and in the CLIs they run as subprocesses (which inherit
+# the environment): one persistent cache for the run compiles each once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="ziya-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import dataclasses  # noqa: E402
-import os  # noqa: E402
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402

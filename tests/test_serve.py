@@ -1,6 +1,7 @@
 """The server as its users run it: `python -m ziya_jax.serve` in a subprocess on a loopback port, spoken to with the
 official `openai` client and raw HTTP. Answers are checked against `python -m ziya_jax.generate` and
-`python -m ziya_jax.chat` (themselves checked against a reference forward pass) on conftest's tiny_chat model."""
+`python -m ziya_jax.chat` (themselves checked against a reference forward pass) on conftest's tiny_chat model;
+and the engine in process, for what only it can show (what compiles, how seeds draw)."""
 
 import base64
 import dataclasses
@@ -365,3 +366,46 @@ def test_sigterm_finishes_what_is_in_flight_and_exits_0(slow_server):
     assert slow_server.proc.wait(60) == 0
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{slow_server.url}/health", timeout=2)
+
+
+def test_sampling_settings_never_recompile_and_a_seed_repeats_its_draws(tiny_chat):
+    """In process: requests with other temperatures, top_p and seeds reuse the one compiled step; a prompt compiles
+    once per length bucket; the same seed draws the same tokens, beside other requests or not."""
+    import queue
+
+    from ziya_jax.data import formats
+    from ziya_jax.decode import decode_params
+    from ziya_jax.serve import engine as serving
+
+    root, params, cfg, tok, qtok = tiny_chat
+    engine = serving.Engine(decode_params(params), cfg, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, slots=4)
+    engine.start()
+
+    def run(settings: list[serving.Sampling], question=QUESTIONS[2]):
+        arrays = formats.prompt_input([formats.Turn(question, None)], 0, tok, qtok, cfg, 16)
+        channels = [queue.Queue() for _ in settings]
+        for sampling, channel in zip(settings, channels):
+            request = serving.Request(
+                arrays["input_ids"], [], sampling, channel.put, arrays["qformer_ids"], arrays["qformer_mask"]
+            )
+            engine.submit(request)
+        answers = []
+        for channel in channels:
+            tokens = []
+            while (event := channel.get(timeout=60)).finish is None:
+                tokens.append(event.token)
+            answers.append(tokens)
+        return answers
+
+    try:
+        run([serving.Sampling(16, 0.0)])
+        steps, prefills = serving._decode_step._cache_size(), serving._prefill_into._cache_size()
+        drawn = run([serving.Sampling(16, 1.5, 0.9, seed) for seed in (1, 2, 1)])
+        alone = run([serving.Sampling(16, 1.5, 0.9, 1)])
+        run([serving.Sampling(16, 0.7, 0.5, 3), serving.Sampling(16, 0.0)], question=QUESTIONS[0])
+    finally:
+        engine.stop()
+    assert serving._decode_step._cache_size() == steps
+    assert serving._prefill_into._cache_size() == prefills  # every prompt here fits the first bucket (64)
+    assert drawn[0] == drawn[2] == alone[0]
+    assert drawn[0] != drawn[1]
