@@ -19,6 +19,8 @@ import urllib.error
 import urllib.request
 
 import httpx
+import jax.numpy as jnp
+import numpy as np
 import openai
 import pytest
 from PIL import Image
@@ -133,10 +135,11 @@ def server(tiny_chat, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def slow_server(tiny_chat, tmp_path_factory):
-    """One slot, a queue of one, and a 2048-token context: a request runs long enough to be interrupted."""
+    """One slot, a queue of one, and an 8192-token context: a long request runs for seconds, long enough to be
+    interrupted."""
     folder = tmp_path_factory.mktemp("long")
-    checkpoint = save_variant(tiny_chat, folder, context=2048)
-    flags = ("--api-key-file", str(folder / "key"), "--slots", "1", "--queue", "1", "--max-tokens", "1900")
+    checkpoint = save_variant(tiny_chat, folder, context=8192)
+    flags = ("--api-key-file", str(folder / "key"), "--slots", "1", "--queue", "1", "--max-tokens", "8000")
     s = Server(checkpoint, *flags, "--no-page")
     yield s
     s.close()
@@ -313,7 +316,7 @@ def test_models_health_and_metrics(server):
     assert metrics["ziya_time_per_output_token_seconds_count"] > 0
 
 
-def long_request(server, tokens=1800):
+def long_request(server, tokens=8000):
     return {
         "model": "ckpt",
         "messages": [{"role": "user", "content": QUESTIONS[0]}],
@@ -345,7 +348,10 @@ def test_a_full_queue_answers_429_with_retry_after(slow_server):
             with b.stream("POST", f"{slow_server.url}/v1/chat/completions", json=long_request(slow_server)) as queued:
                 assert queued.status_code == 200  # waits in the queue of one
                 third = httpx.post(
-                    f"{slow_server.url}/v1/chat/completions", json=long_request(slow_server), headers=headers
+                    f"{slow_server.url}/v1/chat/completions",
+                    json=long_request(slow_server),
+                    headers=headers,
+                    timeout=60,  # httpx's default of 5 s is short on a busy machine
                 )
                 assert third.status_code == 429
                 assert third.headers["retry-after"] == "1"
@@ -378,7 +384,9 @@ def test_sampling_settings_never_recompile_and_a_seed_repeats_its_draws(tiny_cha
     from ziya_jax.serve import engine as serving
 
     root, params, cfg, tok, qtok = tiny_chat
-    engine = serving.Engine(decode_params(params), cfg, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, slots=4)
+    engine = serving.Engine(
+        decode_params(params), cfg, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, decodable=tok.vocab_size, slots=4
+    )
     engine.start()
 
     def run(settings: list[serving.Sampling], question=QUESTIONS[2]):
@@ -409,3 +417,19 @@ def test_sampling_settings_never_recompile_and_a_seed_repeats_its_draws(tiny_cha
     assert serving._prefill_into._cache_size() == prefills  # every prompt here fits the first bucket (64)
     assert drawn[0] == drawn[2] == alone[0]
     assert drawn[0] != drawn[1]
+
+
+def test_only_ids_the_tokenizer_can_decode_are_drawn():
+    """The image placeholder (and any id past the tokenizer) is never an answer token, greedy or sampled, even
+    where the model likes it best."""
+    from ziya_jax.serve import engine as serving
+
+    logits = jnp.zeros((4, 10)).at[:, 8].set(50.0).at[:, 9].set(60.0)  # ids 8, 9: past a tokenizer of 8 pieces
+    settings = {
+        "temperature": jnp.array([0.0, 1.0, 2.0, 0.5]),
+        "top_p": jnp.array([1.0, 1.0, 0.5, 1.0]),
+        "seed": jnp.arange(4, dtype=jnp.uint32),
+    }
+    for step in range(20):
+        tokens = serving._sample(logits, settings, jnp.full((4,), step), 8)
+        assert (np.asarray(tokens) < 8).all(), tokens

@@ -1,4 +1,4 @@
-"""python -m ziya_jax.bench {decode,train,data,agreement} [options]"""
+"""python -m ziya_jax.bench {decode,train,data,agreement,serve} [options]"""
 
 from __future__ import annotations
 
@@ -68,6 +68,14 @@ def main(argv=None) -> int:
     agree.add_argument("--n", type=int, default=200, help="test images per language")
     agree.add_argument("--generate-n", type=int, default=20, help="questions per language asked through generate")
     agree.add_argument("--quantize", choices=("int8",))
+    serve = sub.add_parser(
+        "serve",
+        help="the ziya_jax server (python -m ziya_jax.serve) vs transformers generate behind a batching "
+        "server, same weights and OpenAI requests over loopback, 1/4/16 clients",
+    )
+    serve.add_argument("--requests", type=int, default=4, help="requests per client at each client count")
+    serve.add_argument("--new-tokens", type=int, default=64, help="max_tokens of every request (all run to it)")
+    serve.add_argument("--small", action="store_true", help="a tiny model, to check the benchmark itself quickly")
     args = parser.parse_args(argv)
     if args.name == "train" and args.frozen_dtype and args.dtype != "bfloat16":
         parser.error(
@@ -97,6 +105,11 @@ def main(argv=None) -> int:
         from ziya_jax.bench import train as bench_train
 
         bench_train.run(args)
+        return 0
+    if args.name == "serve":
+        from ziya_jax.bench import serve as bench_serve
+
+        bench_serve.run(args)
         return 0
     from ziya_jax.bench import decode as bench_decode
 

@@ -59,6 +59,7 @@ def main(argv=None) -> int:
         model.cfg,
         eos_token_id=model.tok.eos_id,
         pad_token_id=model.tok.pad_id,
+        decodable=model.tok.vocab_size,
         slots=args.slots,
         max_images=args.max_images,
         max_queue=args.queue,

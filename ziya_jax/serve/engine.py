@@ -123,6 +123,7 @@ class Engine:
         *,
         eos_token_id: int,
         pad_token_id: int,
+        decodable: int,
         slots: int = 16,
         max_images: int = 4,
         max_queue: int = 64,
@@ -130,6 +131,7 @@ class Engine:
         self.params, self.cfg, self.slots = params, cfg, slots
         self.eos, self.pad, self.max_images, self.max_queue = eos_token_id, pad_token_id, max_images, max_queue
         self.context = cfg.llm.max_position_embeddings
+        self.decodable = decodable  # ids the tokenizer can decode: [0, decodable)
         self.buckets = buckets(self.context)
         self.metrics = Metrics()
         self._unrolled = "layers" not in params["language_model"]
@@ -247,13 +249,14 @@ class Engine:
             length,
             features,
             settings,
-            cfg=cfg,
-            unrolled=self._unrolled,
+            self.decodable,
+            cfg,
+            self._unrolled,
         )
 
     def _step(self):
         settings = {name: jnp.asarray(v) for name, v in self._settings.items()}
-        self._state = _decode_step(self.params, self._state, settings, cfg=self.cfg, unrolled=self._unrolled)
+        self._state = _decode_step(self.params, self._state, settings, self.decodable, self.cfg, self._unrolled)
         tokens = np.asarray(self._state["tokens"])
         for slot, request in enumerate(self._rows):
             if request is not None:
@@ -298,9 +301,11 @@ def _empty_state(cfg: ModelConfig, slots: int, unrolled: bool, pad: int) -> dict
     }
 
 
-def _sample(logits, settings, steps):
-    """One token per row [B]: argmax where temperature is 0, else a draw from the top-p filtered distribution,
-    keyed by the row's seed and step (so a request's draws do not depend on its neighbours)."""
+def _sample(logits, settings, steps, decodable):
+    """One token per row [B] among the ids below `decodable` (the image placeholder and any id past the tokenizer
+    would end a request in an error): argmax where temperature is 0, else a draw from the top-p filtered
+    distribution, keyed by the row's seed and step (so a request's draws do not depend on its neighbours)."""
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < decodable, logits, -jnp.inf)
     temperature = settings["temperature"][:, None]
     scaled = nucleus(logits / jnp.maximum(temperature, 1e-6), settings["top_p"][:, None])
     keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(settings["seed"], steps)
@@ -314,7 +319,7 @@ def _encode_image(params, pixels, qformer_ids, qformer_mask, cfg: ModelConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "unrolled"), donate_argnums=(1,))
-def _prefill_into(params, state, slot, ids, length, features, settings, cfg: ModelConfig, unrolled: bool):
+def _prefill_into(params, state, slot, ids, length, features, settings, decodable, cfg: ModelConfig, unrolled: bool):
     """Prefill one right-padded prompt [1, bucket] and copy its cache into row `slot`. -> (first token, state)."""
     model = _model(cfg, unrolled)
     bucket = ids.shape[1]
@@ -338,7 +343,7 @@ def _prefill_into(params, state, slot, ids, length, features, settings, cfg: Mod
         start[batch_axis] = slot
         return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), start)
 
-    token = _sample(logits[:, 0], settings, jnp.zeros((1,), jnp.int32))[0]
+    token = _sample(logits[:, 0], settings, jnp.zeros((1,), jnp.int32), decodable)[0]
     row_mask = jnp.zeros((1, state["key_mask"].shape[1]), jnp.int32).at[:, :bucket].set(mask)
     return token, {
         "cache": jax.tree_util.tree_map(insert, state["cache"], cache),
@@ -350,7 +355,7 @@ def _prefill_into(params, state, slot, ids, length, features, settings, cfg: Mod
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "unrolled"), donate_argnums=(1,))
-def _decode_step(params, state, settings, cfg: ModelConfig, unrolled: bool):
+def _decode_step(params, state, settings, decodable, cfg: ModelConfig, unrolled: bool):
     """Every row's newest token into its cache at its own index, and the next token of every row."""
     model = _model(cfg, unrolled)
     rows = jnp.arange(state["tokens"].shape[0])
@@ -360,7 +365,7 @@ def _decode_step(params, state, settings, cfg: ModelConfig, unrolled: bool):
     logits, cache = model.apply(
         {"params": params}, embeds, index[:, None], key_mask, state["cache"], index, method=ZiyaVisual.language
     )
-    tokens = _sample(logits[:, 0], settings, state["steps"])
+    tokens = _sample(logits[:, 0], settings, state["steps"], decodable)
     return {
         "cache": cache,
         "key_mask": key_mask,
