@@ -145,10 +145,11 @@ def slow_server(tiny_chat, tmp_path_factory):
     s.close()
 
 
-def generate_cli(checkpoint, image, question, tokens) -> dict:
+def run_cli(module: str, *args, stdin=None) -> str:
+    """`python -m ziya_jax.<module> ARGS` as a user runs it -> its stdout (it must succeed)."""
     done = subprocess.run(
-        [sys.executable, "-m", "ziya_jax.generate", "--checkpoint", str(checkpoint), "--image", str(image)]
-        + ["--prompt", question, "--max-new-tokens", str(tokens), "--json"],
+        [sys.executable, "-m", f"ziya_jax.{module}", *map(str, args)],
+        input=stdin,
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -156,7 +157,13 @@ def generate_cli(checkpoint, image, question, tokens) -> dict:
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return done.stdout
+
+
+def generate_cli(checkpoint, image, question, tokens) -> dict:
+    flags = ("--prompt", question, "--max-new-tokens", tokens, "--json")
+    out = run_cli("generate", "--checkpoint", checkpoint, "--image", image, *flags)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def ask(client, messages, tokens=8, **kw):
@@ -186,18 +193,10 @@ def test_answers_equal_generate_streamed_or_not(server, tiny_chat):
 def test_two_images_two_turns_answer_as_chat_does(server, tiny_chat):
     root = tiny_chat[0]
     script = f"/image {root / 'img.png'}\n{QUESTIONS[0]}\n/image {root / 'img2.png'}\n{QUESTIONS[1]}\n"
-    done = subprocess.run(
-        [sys.executable, "-m", "ziya_jax.chat", "--checkpoint", str(server.checkpoint), "--greedy"]
-        + ["--repetition-penalty", "1", "--max-new-tokens", "8"],
-        input=script,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()  # banner, (image 1 added), answer 1, (image 2 added), answer 2
+    flags = ("--greedy", "--repetition-penalty", "1", "--max-new-tokens", "8")
+    lines = run_cli(
+        "chat", "--checkpoint", server.checkpoint, *flags, stdin=script
+    ).splitlines()  # banner, (image 1 added), answer 1, (image 2 added), answer 2
     first, second = lines[2], lines[4]
     messages = [
         user(QUESTIONS[0], data_url(root / "img.png")),

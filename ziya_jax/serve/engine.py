@@ -286,10 +286,6 @@ class Engine:
         request.deliver(Event(finish=reason))
 
 
-def _model(cfg: ModelConfig, unrolled: bool) -> ZiyaVisual:
-    return ZiyaVisual(cfg, unrolled_llm=unrolled)
-
-
 def _empty_state(cfg: ModelConfig, slots: int, unrolled: bool, pad: int) -> dict:
     context = cfg.llm.max_position_embeddings
     return {
@@ -321,7 +317,7 @@ def _encode_image(params, pixels, qformer_ids, qformer_mask, cfg: ModelConfig):
 @functools.partial(jax.jit, static_argnames=("cfg", "unrolled"), donate_argnums=(1,))
 def _prefill_into(params, state, slot, ids, length, features, settings, decodable, cfg: ModelConfig, unrolled: bool):
     """Prefill one right-padded prompt [1, bucket] and copy its cache into row `slot`. -> (first token, state)."""
-    model = _model(cfg, unrolled)
+    model = ZiyaVisual(cfg, unrolled_llm=unrolled)
     bucket = ids.shape[1]
     mask = (jnp.arange(bucket) < length).astype(jnp.int32)[None]
     embeds = model.apply({"params": params}, ids, features, method=ZiyaVisual.embed_inputs)
@@ -357,7 +353,7 @@ def _prefill_into(params, state, slot, ids, length, features, settings, decodabl
 @functools.partial(jax.jit, static_argnames=("cfg", "unrolled"), donate_argnums=(1,))
 def _decode_step(params, state, settings, decodable, cfg: ModelConfig, unrolled: bool):
     """Every row's newest token into its cache at its own index, and the next token of every row."""
-    model = _model(cfg, unrolled)
+    model = ZiyaVisual(cfg, unrolled_llm=unrolled)
     rows = jnp.arange(state["tokens"].shape[0])
     index = jnp.minimum(state["index"], state["key_mask"].shape[1] - 1)  # free rows run on harmlessly
     key_mask = state["key_mask"].at[rows, index].set(1)
