@@ -12,6 +12,7 @@ setup(
     version="0.1.0",
     description="Ziya-Visual (EVA ViT + BLIP-2 Q-Former + LLaMA with LoRA) in JAX/Flax",
     packages=find_packages(include=["ziya_jax", "ziya_jax.*"]),
+    package_data={"ziya_jax.data.bmmic": ["prompts/*.json", "object_names.json"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2",
@@ -21,6 +22,8 @@ setup(
         "grain>=0.2.18",
         "tensorflow-datasets>=4.9.10",
         "sentencepiece>=0.2.0",
+        "tokenizers>=0.20",  # BERT WordPiece for the Q-Former's bert-base-uncased vocab.txt
+        "pyarrow>=14",  # img2dataset parquet shards (python -m ziya_jax.data convert)
         "ml-collections>=1.1.0",
         "einops>=0.8",
         "numpy>=2.0",
@@ -61,6 +64,8 @@ setup(
         ],
         # python -m ziya_jax.serve: the OpenAI-compatible API, its metrics, and the chat page.
         "serve": SERVE,
+        # ziya_jax.llm: BMMIC data (python -m ziya_jax.data bmmic) and the LLaVA-bench judge.
+        "llm": ["openai>=2"],
         # Compiling for TPU topologies on any host (python -m ziya_jax.compile), and running on TPU VMs. jax[tpu]
         # pins the libtpu built for the installed jax: libtpu 0.0.52 beside jax 0.10.2 crashed jax.profiler.
         "tpu": ["jax[tpu]"],

@@ -37,15 +37,11 @@ docs/demo.md has these findings in full, with the commands that reproduce them.
 
 import ml_collections
 
-from ziya_jax.config import for_stage, parse_arg
+from ziya_jax.config import for_stage, parse_arg, sibling
 from ziya_jax.train.optimizer import default_optimizer
 
-LORA_TARGETS = (
-    r"vision_model/layers/self_attn/(qkv|projection)",
-    r"language_model/layers/self_attn/(q_proj|k_proj|v_proj|o_proj)",
-)
-STAGE1_HEADS = ("vision_proj", "text_proj", "itm_head", "temp")
-QFORMER = ("qformer", "query_tokens")
+common = sibling(__file__, "common")
+LORA_TARGETS, QFORMER, STAGE1_HEADS = common.LORA_TARGETS, common.QFORMER, common.STAGE1_HEADS
 TRAINABLE = {
     1: QFORMER + STAGE1_HEADS,
     2: ("language_model", "language_projection"),  # + the Q-Former for Chat (instruction-aware), as in the paper

@@ -1,14 +1,13 @@
-"""Ziya-Visual-Base, full size: the Chat config with variant=base (the Q-Former sees no instruction).
+"""Ziya-Visual-Base, full size: the Chat recipe with a Q-Former that sees no instruction (BLIP-2 style), trained
+in the paper's three stages (configs/common.py has the recipe).
 
-Usage: --config configs/ziya_base_14b.py:stage=2 (stage 1, 2 or 3).
+Usage: --config configs/ziya_base_14b.py:init=WEIGHTS,data_dir=DATA[,stage=1|2|3][,smoke=1].
 """
 
-import os
+from ziya_jax.config import parse_arg, sibling
 
-from ziya_jax.config import load_config
-
-_CHAT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ziya_chat_14b.py")
+common = sibling(__file__, "common")
 
 
 def get_config(arg=None):
-    return load_config(f"{_CHAT}:" + ",".join(filter(None, ["variant=base", arg or ""])))
+    return common.recipe("base", parse_arg(arg, stage="all", smoke=False, data_dir="data", init="", lora_rank=8))

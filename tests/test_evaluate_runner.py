@@ -217,7 +217,7 @@ def test_cli_benchmarks_write_predictions_scores_and_the_table(model, synthetic_
     for row, paper in (("NoCaps val CIDEr", "119.6"), ("VQAv2 VQA score", "75.5"), ("Flickr30k-CNA TR@1", "n/a")):
         line = next(line for line in table.splitlines() if line.startswith(row))
         assert line.split()[-1] == paper
-    ours = {line.rsplit(None, 2)[0].strip(): line.split()[-2] for line in table.splitlines() if line.count(" ") > 3}
+    ours = {line.rsplit(None, 3)[0].strip(): line.split()[-3] for line in table.splitlines() if line.count(" ") > 3}
     assert ours["NoCaps val CIDEr"] == "-" and ours["VQAv2 VQA score"] == f"{v2['accuracy']:.1f}"
     assert ours["Flickr30k-CNA TR@1"] == f"{ret['TR@1']:.1f}"
 

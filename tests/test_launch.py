@@ -40,10 +40,10 @@ def test_tpu_dry_run_runs_the_whole_job_with_names_from_settings_and_flags(tmp_p
         "--zone",
         "zone-from-flag",
         "--config",
-        "configs/ziya_chat_14b.py:stage=3",
+        "configs/ziya_chat_14b.py:smoke=1,init=/gcs/bucket-x/weights,data_dir=/gcs/bucket-x/data",
         "--dry-run",
         "--",
-        "--config.train.seed=7",
+        "--config.stages.stage1.train.seed=7",
     )
     assert rc == 0, err
     cmds = commands(out)
@@ -62,8 +62,9 @@ def test_tpu_dry_run_runs_the_whole_job_with_names_from_settings_and_flags(tmp_p
     assert "gcsfuse --implicit-dirs bucket-x /gcs/bucket-x" in install[7]
     assert "--worker=all" in train
     assert (
-        "ZIYA_DISTRIBUTED=1 nohup python3 -m ziya_jax.train --config configs/ziya_chat_14b.py:stage=3 "
-        "--workdir /gcs/bucket-x/runs/pod-q --config.train.seed=7" in train[7]
+        "ZIYA_DISTRIBUTED=1 nohup python3 -m ziya_jax.train --config "
+        "configs/ziya_chat_14b.py:smoke=1,init=/gcs/bucket-x/weights,data_dir=/gcs/bucket-x/data "
+        "--workdir /gcs/bucket-x/runs/pod-q --config.stages.stage1.train.seed=7" in train[7]
     )
     assert "--worker=0" in logs and "tail" in logs[7]
     assert gcloud[-1][3:6] == ["tpu-vm", "delete", "pod-q"]

@@ -1,5 +1,7 @@
 """Full-size configs count the reference model's parameters (jax.eval_shape: nothing is allocated)."""
 
+import dataclasses
+
 import pytest
 
 from ziya_jax.config import ModelConfig, load_config
@@ -8,7 +10,11 @@ from ziya_jax.summary import VISION_SIDE, count_params
 
 @pytest.mark.parametrize("config", ["configs/ziya_base_14b.py:stage=2", "configs/ziya_chat_14b.py:stage=2"])
 def test_full_size_counts(config):
-    cfg = ModelConfig.from_dict(load_config(config).model.to_dict())
+    trained = ModelConfig.from_dict(load_config(config).model.to_dict())
+    assert trained.qformer.text_branch and trained.qformer.pretrain_heads  # kept after stage 1, for retrieval
+    # the model as released: the Chat Q-Former reads the instruction, neither has the stage-1 heads
+    qformer = dataclasses.replace(trained.qformer, text_branch=trained.variant == "chat", pretrain_heads=False)
+    cfg = dataclasses.replace(trained, qformer=qformer)
     counts = count_params(cfg)
     assert counts["language_model"] == 13_091_886_080
     vision_side = sum(counts[k] for k in VISION_SIDE)

@@ -21,8 +21,10 @@ class LoadedModel:
     qtok: object  # QFormerTokenizer, or None (Base models)
 
 
-def add_model_flags(parser: argparse.ArgumentParser, tokenizer: bool = True):
-    parser.add_argument("--checkpoint", required=True, help="a model folder (train's stageN/model, convert's output)")
+def add_model_flags(parser: argparse.ArgumentParser, tokenizer: bool = True, checkpoint_required: bool = True):
+    parser.add_argument(
+        "--checkpoint", required=checkpoint_required, help="a model folder (train's stageN/model, convert's output)"
+    )
     if tokenizer:
         parser.add_argument("--tokenizer", help="tokenizer folder (default: CHECKPOINT/tokenizer)")
     parser.add_argument(

@@ -162,6 +162,23 @@ def load_config(spec: str):
     return module.get_config(arg) if arg else module.get_config()
 
 
+def sibling(config_file: str, name: str):
+    """The module `name`.py in the folder of `config_file` (a config's shared settings, e.g. configs/common.py),
+    imported by path: config files are loaded by path too, so no package or sys.path entry is needed."""
+    import importlib.util
+    import os
+    import sys
+
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+    key = f"_ziya_config_{name}_{abs(hash(path))}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
 def parse_arg(arg: str | None, **defaults) -> dict[str, Any]:
     """'stage=3,variant=chat' -> dict, typed like the defaults; unknown keys are an error."""
     out = dict(defaults)
@@ -180,15 +197,16 @@ def parse_arg(arg: str | None, **defaults) -> dict[str, Any]:
 
 
 def for_stage(model: dict[str, Any], stage: int, lora_targets: tuple[str, ...], lora_rank: int) -> dict[str, Any]:
-    """The model section as a training stage needs it (paper, section 3):
-    1: the Q-Former text branch and the stage-1 heads (ITC/ITM/ITG); 2: Base has no Q-Former text, Chat
-    feeds it the instruction; 3: as 2, plus LoRA on the ViT and the LLM for Chat."""
+    """The model section as a training stage needs it (paper, section 3): every stage has the Q-Former text
+    branch and the stage-1 heads (ITC/ITM/ITG), trained in stage 1 and kept, frozen, after it, so that a model
+    of any stage can still do retrieval; Base feeds the Q-Former no text in stages 2 and 3, Chat feeds it the
+    instruction; stage 3 adds LoRA on the ViT and the LLM for Chat."""
     if stage not in (1, 2, 3):
         raise ValueError(f"stage must be 1, 2 or 3, got {stage}")
     model = dict(model, qformer=dict(model.get("qformer", {})))
     chat = model.get("variant") == "chat"
-    model["qformer"]["text_branch"] = stage == 1 or chat
-    model["qformer"]["pretrain_heads"] = stage == 1
+    model["qformer"]["text_branch"] = True
+    model["qformer"]["pretrain_heads"] = True
     if stage == 3 and chat:
         model["lora"] = dict(rank=lora_rank, alpha=2.0 * lora_rank, dropout=0.05, targets=tuple(lora_targets))
     return model

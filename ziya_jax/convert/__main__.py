@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -27,7 +28,11 @@ def main(argv=None) -> int:
         action="store_true",
         help="also read pytorch_model*.bin (torch.load(weights_only=True)); off by default",
     )
-    a.add_argument("--out", required=True, help="new ziya_jax checkpoint directory")
+    a.add_argument(
+        "--qformer-vocab",
+        help="bert-base-uncased's vocab.txt for the Q-Former tokenizer (default: HF_DIR/qformer_tokenizer/vocab.txt)",
+    )
+    a.add_argument("--out", required=True, help="new ziya_jax checkpoint directory (its tokenizers in OUT/tokenizer)")
     b = sub.add_parser("to-hf", help="ziya_jax checkpoint -> HF directory (from_pretrained-ready)")
     b.add_argument("--checkpoint", required=True)
     b.add_argument("--out", required=True)
@@ -37,11 +42,29 @@ def main(argv=None) -> int:
 
     from ziya_jax.checkpoint import load_model, save_model
     from ziya_jax.convert import export_hf, load_hf
+    from ziya_jax.convert.io import copy_hf_tokenizers
 
     try:
         if args.command == "from-hf":
             params, cfg = load_hf(args.hf_dir, args.llm_dir, args.llm_delta_dir, args.allow_pickle, args.image_token_id)
+            if args.qformer_vocab and not os.path.isfile(args.qformer_vocab):
+                raise FileNotFoundError(f"--qformer-vocab {args.qformer_vocab}: no such file")
             save_model(args.out, params, cfg)
+            llm_dirs = [
+                args.llm_delta_dir,
+                args.llm_dir,
+                args.hf_dir,
+            ]  # a Ziya-LLaMA delta holds its extended tokenizer
+            copied = copy_hf_tokenizers(args.out, llm_dirs, args.hf_dir, args.qformer_vocab)
+            for line in copied:
+                print(f"tokenizer: {line}")
+            if not any(c.startswith("tokenizer.model") for c in copied):
+                print(f"note: no tokenizer.model found; put the LLM's in {args.out}/tokenizer", file=sys.stderr)
+            if not any(c.startswith("vocab.txt") for c in copied):
+                print(
+                    f"note: no Q-Former vocab.txt found (--qformer-vocab); put one in {args.out}/tokenizer",
+                    file=sys.stderr,
+                )
             print(f"wrote {args.out} ({cfg.variant} model)")
         else:
             params, cfg = load_model(args.checkpoint)

@@ -178,3 +178,28 @@ def write_hf_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def copy_hf_tokenizers(out: str, llm_dirs: list[str], hf_dir: str, qformer_vocab: str | None) -> list[str]:
+    """The tokenizers of a converted model into `out/tokenizer`, where training, generate, chat, evaluate and serve
+    read them: the LLM's `tokenizer.model` (+ `added_tokens.json`) from the first of `llm_dirs` that has one, and
+    the Q-Former's BERT `vocab.txt` from `qformer_vocab` or InstructBLIP's `hf_dir/qformer_tokenizer/`.
+    -> what was copied, as "name (from path)"."""
+    dst = os.path.join(out, "tokenizer")
+    copied = []
+    llm_dir = next((d for d in llm_dirs if d and os.path.isfile(os.path.join(d, "tokenizer.model"))), None)
+    picks = []
+    if llm_dir:
+        picks += [(llm_dir, name, name) for name in ("tokenizer.model", "added_tokens.json")]
+    if qformer_vocab:
+        picks.append((os.path.dirname(os.path.abspath(qformer_vocab)), os.path.basename(qformer_vocab), "vocab.txt"))
+    else:
+        picks.append((os.path.join(hf_dir, "qformer_tokenizer"), "vocab.txt", "vocab.txt"))
+    for directory, name, target in picks:
+        if not os.path.isfile(os.path.join(directory, name)):
+            continue
+        src = _file_in(directory, name, os.path.join(directory, name))
+        os.makedirs(dst, exist_ok=True)
+        shutil.copyfile(src, os.path.join(dst, target))
+        copied.append(f"{target} (from {src})")
+    return copied

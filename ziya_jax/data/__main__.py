@@ -1,4 +1,5 @@
-"""python -m ziya_jax.data {tokenizers, synthetic, manifest} ...: build the demo tokenizers and TFDS data sets."""
+"""python -m ziya_jax.data {tokenizers, synthetic, manifest, convert, bmmic} ...: build the demo tokenizers, TFDS
+data sets, training manifests from public data sets' released files, and BMMIC instruction data (`bmmic --help`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ from ziya_jax.data.images import DEFAULT_MAX_BYTES
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bmmic"]:  # a command family of its own, with its own subcommands
+        from ziya_jax.data.bmmic.__main__ import main as bmmic_main
+
+        return bmmic_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m ziya_jax.data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     tok = sub.add_parser("tokenizers", help="train the demo LLM and Q-Former sentencepiece models")
@@ -46,8 +52,32 @@ def main(argv=None) -> int:
         action="store_true",
         help="rebuild NAME if it exists (a build from other inputs is otherwise refused)",
     )
+    from ziya_jax.data import formats, released
+
+    conv = sub.add_parser(
+        "convert",
+        help="write a training manifest (JSONL) from a public data set's released files (formats: docs/data.md)",
+    )
+    conv.add_argument("--format", required=True, choices=list(released.FORMATS))
+    conv.add_argument("--input", action="append", required=True, metavar="FILE", help="a released file (repeatable)")
+    conv.add_argument(
+        "--images",
+        help="the image folder the manifest's paths are relative to; given, every image is checked and a record "
+        "whose image is missing is skipped",
+    )
+    conv.add_argument("--out", required=True, help="the manifest to write (JSON lines)")
+    conv.add_argument("--split", help="the split to convert where the files hold several (default: train)")
+    conv.add_argument("--task", choices=formats.TASKS, help="for grounding formats: one task (default: both)")
     args = parser.parse_args(argv)
 
+    if args.command == "convert":
+        try:
+            report = released.convert(args.format, args.input, args.out, args.images, args.split, args.task)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(report.summary())
+        return 0
     if args.command == "tokenizers":
         from ziya_jax.data.synthetic import train_demo_tokenizers
 

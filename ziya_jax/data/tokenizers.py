@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 
 import sentencepiece as spm
@@ -216,6 +217,18 @@ def load_tokenizers(directory: str) -> tuple[SentencePieceTokenizer, QFormerToke
     elif os.path.isfile(os.path.join(directory, "vocab.txt")):
         qformer = QFormerTokenizer.from_bert_vocab(os.path.join(directory, "vocab.txt"))
     return SentencePieceTokenizer.load(llm), qformer
+
+
+TOKENIZER_FILES = ("llm.model", "tokenizer.model", "added_tokens.json", "qformer.model", "vocab.txt")
+
+
+def copy_tokenizers(src: str, dst: str) -> list[str]:
+    """Copies the tokenizer files `load_tokenizers` reads from folder `src` into `dst` -> the names copied."""
+    names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    os.makedirs(dst, exist_ok=True)
+    for name in names:
+        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    return names
 
 
 def check_vocabularies(tok, qtok, cfg) -> None:

@@ -67,7 +67,7 @@ def _locate(data: str, names: Sequence[str]) -> str:
     raise FileNotFoundError(f"{data} holds none of {list(names)}")
 
 
-def _load_json(path: str):
+def load_json(path: str):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -125,7 +125,7 @@ def read_coco_captions(
     path: str, image_dir: str | None = None, allow_any_image_path: bool = False
 ) -> list[CaptionItem]:
     """COCO captions JSON ({images: [{id, file_name, ...}], annotations: [{image_id, caption}]}), e.g. NoCaps."""
-    data = _load_json(path)
+    data = load_json(path)
     images = {_field(img, "id", path, (int, str)): img for img in _field(data, "images", path, list)}
     refs: dict = {}
     for ann in _field(data, "annotations", path, list):
@@ -150,18 +150,38 @@ def read_karpathy(
     """Karpathy's dataset_*.json: {images: [{filename, split, sentences: [{raw}], filepath?}]}."""
     path = _locate(data, ["dataset_flickr30k.json", "dataset_coco.json"])
     items = []
-    for img in _field(_load_json(path), "images", path, list):
+    for img in _field(load_json(path), "images", path, list):
         if _field(img, "split", path) != split:
             continue
-        name = _field(img, "filename", path, str)
-        rel = os.path.join(_field(img, "filepath", path, str), name) if img.get("filepath") else name
-        refs = [_field(s, "raw", path, str) for s in _field(img, "sentences", path, list)]
-        items.append(CaptionItem(str(img.get("imgid", name)), rel, refs))
+        rel, refs = _karpathy_image(img, path)
+        items.append(CaptionItem(str(img.get("imgid", os.path.basename(rel))), rel, refs))
     if not items:
         raise ValueError(f"{path} has no images in split {split!r}")
     return _check_images(
         items, _image_dir(image_dir, path), lambda it: [it.image, os.path.basename(it.image)], allow_any_image_path
     )
+
+
+def _karpathy_image(img, where: str) -> tuple[str, list[str]]:
+    """One image of Karpathy's dataset_*.json -> (its path under the images folder, its raw sentences)."""
+    name = _field(img, "filename", where, str)
+    rel = os.path.join(_field(img, "filepath", where, str), name) if img.get("filepath") else name
+    return rel, [_field(s, "raw", where, str) for s in _field(img, "sentences", where, list)]
+
+
+def _tsv_caption(line: str, where: str) -> tuple[str, str]:
+    """An `IMAGE#k<TAB>caption` line -> (IMAGE without .jpg, the caption stripped, possibly empty)."""
+    key, tab, caption = line.rstrip("\n").partition("\t")
+    if not tab:
+        raise ValueError(f"{where}: expected IMAGE#k<TAB>caption, got {line.strip()[:60]!r}")
+    return re.sub(r"\.jpg$", "", key.split("#")[0]), caption.strip()
+
+
+def _coco_candidates(name: str) -> list[str]:
+    """Where a COCO image file lies under an images folder: there, or in the folder its name starts with
+    (COCO_val2014_*.jpg in val2014/)."""
+    subset = re.match(r"COCO_([^_]+)_", name)
+    return [name, os.path.join(subset.group(1), name)] if subset else [name]
 
 
 def read_tsv_captions(
@@ -173,21 +193,18 @@ def read_tsv_captions(
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            key, tab, caption = line.rstrip("\n").partition("\t")
-            if not tab or not caption.strip():
+            image, caption = _tsv_caption(line, f"{path}:{n}")
+            if not caption:
                 raise ValueError(f"{path}:{n}: expected IMAGE#k<TAB>caption, got {line.strip()[:60]!r}")
-            image = re.sub(r"\.jpg$", "", key.split("#")[0])
             if keep is None or image in keep:
-                refs.setdefault(image, []).append(caption.strip())
+                refs.setdefault(image, []).append(caption)
     if not refs:
         raise ValueError(f"{path} has no captions" + (" for the split's images" if keep is not None else ""))
 
-    def candidates(it):
-        subset = it.id.split("_")[1] if it.id.startswith("COCO_") else ""
-        return [f"{it.id}.jpg", os.path.join(subset, f"{it.id}.jpg"), it.id]
-
     items = [CaptionItem(k, k, v) for k, v in refs.items()]
-    return _check_images(items, _image_dir(image_dir, path), candidates, allow_any_image_path)
+    return _check_images(
+        items, _image_dir(image_dir, path), lambda it: [*_coco_candidates(f"{it.id}.jpg"), it.id], allow_any_image_path
+    )
 
 
 def read_flickr30k_cna(
@@ -230,7 +247,7 @@ def read_captions(
             f"{data} holds no caption annotations (flickr30k_cn_{split}.txt, "
             f"imageid.human-written-caption.txt or dataset_*.json)"
         )
-    content = _load_json(path)
+    content = load_json(path)
     if isinstance(content, dict) and "annotations" in content:
         return read_coco_captions(path, image_dir, allow_any_image_path)
     return read_karpathy(path, image_dir, split, allow_any_image_path)
@@ -251,10 +268,10 @@ def read_vqa(
     )
     questions = {
         _field(q, "question_id", q_path, (int, str)): _field(q, "question", q_path, str)
-        for q in _field(_load_json(q_path), "questions", q_path, list)
+        for q in _field(load_json(q_path), "questions", q_path, list)
     }
     items = []
-    for ann in _field(_load_json(a_path), "annotations", a_path, list):
+    for ann in _field(load_json(a_path), "annotations", a_path, list):
         qid = _field(ann, "question_id", a_path, (int, str))
         if qid not in questions:
             raise ValueError(f"{a_path}: question {qid} is not in {q_path}")
@@ -268,18 +285,19 @@ def read_vqa(
             )
         )
 
-    def candidates(it):
-        name = f"COCO_{split}_{int(it.image):012d}.jpg"
-        return [name, os.path.join(split, name)]
-
-    return _check_images(items, _image_dir(image_dir, q_path), candidates, allow_any_image_path)
+    return _check_images(
+        items,
+        _image_dir(image_dir, q_path),
+        lambda it: _coco_candidates(f"COCO_{split}_{int(it.image):012d}.jpg"),
+        allow_any_image_path,
+    )
 
 
 def read_gqa(
     data: str, image_dir: str | None = None, split: str = "testdev", allow_any_image_path: bool = False
 ) -> list[VQAItem]:
     path = _locate(data, [f"{split}_balanced_questions.json"])
-    content = _load_json(path)
+    content = load_json(path)
     if not isinstance(content, dict):
         raise ValueError(f"{path}: expected {{question_id: {{imageId, question, answer}}}}")
     items = [
@@ -302,10 +320,10 @@ def read_scienceqa(
     """ScienceQA-IMG: the split's problems that have an image."""
     path = _locate(data, ["problems.json"])
     splits_path = os.path.join(os.path.dirname(path), "pid_splits.json")
-    problems = _load_json(path)
+    problems = load_json(path)
     if not isinstance(problems, dict):
         raise ValueError(f"{path}: expected {{problem id: {{question, choices, answer, image, ...}}}}")
-    splits = _load_json(splits_path) if os.path.isfile(splits_path) else {}
+    splits = load_json(splits_path) if os.path.isfile(splits_path) else {}
     if not isinstance(splits, dict) or split not in splits:
         raise FileNotFoundError(f"split {split!r} not found: need {splits_path} with that key")
     items = []
@@ -340,7 +358,7 @@ def read_vizwiz(
     data: str, image_dir: str | None = None, split: str = "val", allow_any_image_path: bool = False
 ) -> list[VQAItem]:
     path = _locate(data, [f"{split}.json"])
-    records = _load_json(path)
+    records = load_json(path)
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a list of {{image, question, answers}}")
     items = []

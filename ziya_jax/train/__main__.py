@@ -85,13 +85,18 @@ def main(argv=None) -> int:
 
 
 def report(results: dict) -> None:
-    """The evaluation table (and example answers) of every stage that evaluated something."""
+    """Each stage's evaluation: the synthetic table (and example answers), and the benchmark scores."""
     for name, scores in results.items():
-        if scores:
+        benchmarks = scores.get("benchmarks", {})
+        synthetic = {k: v for k, v in scores.items() if k != "benchmarks"}
+        if synthetic:
             from ziya_jax.evaluate.synthetic import format_table
 
             print(f"\n== {name}: synthetic test split ==")
-            print(format_table(scores))
+            print(format_table(synthetic))
+        for task, task_scores in benchmarks.items():
+            shown = " ".join(f"{k}={v:.1f}" for k, v in task_scores.items() if isinstance(v, float))
+            print(f"== {name}: {task}: {shown}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 from jax.experimental.multihost_utils import sync_global_devices
 
 from ziya_jax.checkpoint import save_model
+from ziya_jax.data.tokenizers import copy_tokenizers
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,11 @@ class Checkpoints:
         self.manager.close()
 
 
-def save_final(final: str, params, cfg) -> None:
-    """A stage's model, written to `final.tmp` and renamed, so `final` (which marks the stage done) only ever
-    appears whole; a `final.tmp` a killed run left behind is removed first. Every process writes its shards."""
+def save_final(final: str, params, cfg, tokenizer_dir: str = "") -> None:
+    """A stage's model, with the tokenizers of `tokenizer_dir` (if given) in `final/tokenizer`, where generate,
+    chat, evaluate and serve look for them. It is written to `final.tmp` and renamed, so `final` (which marks
+    the stage done) only ever appears whole; a `final.tmp` a killed run left behind is removed first. Every
+    process writes its shards."""
     tmp = final + ".tmp"
     if jax.process_index() == 0 and os.path.exists(tmp):
         log.warning("removing %s, left by a run stopped while writing it", tmp)
@@ -98,6 +101,8 @@ def save_final(final: str, params, cfg) -> None:
     sync_global_devices("leftover model removed")
     save_model(tmp, params, cfg)
     if jax.process_index() == 0:
+        if tokenizer_dir:
+            copy_tokenizers(tokenizer_dir, os.path.join(tmp, "tokenizer"))
         os.replace(tmp, final)
     sync_global_devices("final model in place")
 

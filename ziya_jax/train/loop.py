@@ -25,6 +25,7 @@ import numpy as np
 from ziya_jax.checkpoint import load_model, load_model_config
 from ziya_jax.config import ModelConfig
 from ziya_jax.data import pipeline, synthetic
+from ziya_jax.data.manifest import ManifestSource
 from ziya_jax.data.tfds_builders import data_source
 from ziya_jax.data.tokenizers import check_vocabularies, load_tokenizers
 from ziya_jax.sharding import global_batch, init_sharded, make_mesh, param_shardings, rules_from_config
@@ -52,7 +53,8 @@ class Preempted(RuntimeError):
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Refuses, before anything is written, settings that would train nothing or fail only later: a stage
-    without a positive step count would write an untrained model that the next run takes as done."""
+    without a positive step count would write an untrained model that the next run takes as done; a missing
+    tokenizer, start model, data set or benchmark file is named by its key and path."""
     stages = config.stages.items() if "stages" in config else [("", config)]
     for name, stage in stages:
         prefix = f"stages.{name}." if name else ""
@@ -62,11 +64,32 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if stage.get("kind") == "vision":
             continue
         directory = stage.data.tokenizers
+        if not directory:
+            raise ValueError(
+                f"{prefix}data.tokenizers is not set: give a folder holding llm.model or tokenizer.model (the "
+                "full-size configs take WEIGHTS/tokenizer from their argument init=WEIGHTS)"
+            )
         if directory != DEMO_TOKENIZERS and not (isinstance(directory, str) and os.path.isdir(directory)):
             raise ValueError(
                 f"{prefix}data.tokenizers={directory!r}: no such folder (give a folder holding "
                 f"llm.model or tokenizer.model, or {DEMO_TOKENIZERS!r})"
             )
+        init_from = stage.train.init_from
+        if init_from and not os.path.isdir(os.path.join(init_from, "model_config")):
+            raise ValueError(
+                f"{prefix}train.init_from={init_from!r}: no model there (give a `python -m ziya_jax.convert "
+                "from-hf` output or a stage's model/ folder)"
+            )
+        for i, source in enumerate(stage.data.sources):
+            for key, path in source_paths(stage.data, source).items():
+                if not os.path.exists(path):
+                    raise ValueError(
+                        f"{prefix}data.sources[{i}] ({source.get('name', source.get('kind'))}): no {key} at {path}"
+                    )
+        for i, bench in enumerate(stage.eval.get("benchmarks", ())):
+            path = os.path.join(stage.data.get("data_dir", ""), bench["data"])
+            if not os.path.exists(path):
+                raise ValueError(f"{prefix}eval.benchmarks[{i}] ({bench['task']}): no data at {path}")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -85,19 +108,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return results
 
 
-def tokenizers(data: ml_collections.ConfigDict, root: str):
-    """(LLM tokenizer, Q-Former tokenizer or None) from data.tokenizers: a folder, or "demo"."""
+def tokenizer_dir(data: ml_collections.ConfigDict, root: str) -> str:
+    """The folder of data.tokenizers; "demo" trains the synthetic set's tokenizers into ROOT/tokenizers once."""
     directory = data.tokenizers
     if directory == DEMO_TOKENIZERS:
         directory = os.path.join(root, "tokenizers")
         if not os.path.isfile(os.path.join(directory, "qformer.model")):
             synthetic.train_demo_tokenizers(directory)
-    return load_tokenizers(directory)
+    return directory
+
+
+def source_paths(data: ml_collections.ConfigDict, source) -> dict[str, str]:
+    """The files a manifest source reads: its manifest (`path`, default NAME/train.jsonl) and image folder
+    (`images`, default the manifest's folder), both under data.data_dir."""
+    if source.get("kind") != "manifest":
+        return {}
+    root = data.get("data_dir", "")
+    manifest = os.path.join(root, source.get("path", os.path.join(source.get("name", ""), "train.jsonl")))
+    images = os.path.join(root, source["images"]) if source.get("images") else os.path.dirname(manifest)
+    return {"manifest": manifest, "image folder": images}
 
 
 def sources(data: ml_collections.ConfigDict, image_size: int) -> list[pipeline.Source]:
-    """data.sources: {kind: synthetic, split, n[, seed]} (rendered on the fly) or {kind: tfds, name, split,
-    data_dir}, each with a task and a mixture weight."""
+    """data.sources: {kind: synthetic, split, n[, seed]} (rendered on the fly), {kind: tfds, name, split,
+    data_dir} or {kind: manifest, name[, path, images]} (see `source_paths`), each with a task and a mixture
+    weight: a number, or "size" for the source's number of records (sampling the union uniformly)."""
     out = []
     for i, s in enumerate(data.sources):
         s = ml_collections.ConfigDict(s)
@@ -105,14 +140,18 @@ def sources(data: ml_collections.ConfigDict, image_size: int) -> list[pipeline.S
             records = synthetic.SyntheticSource(s.split, s.n, image_size, s.get("seed", 0))
         elif s.kind == "tfds":
             records = data_source(s.name, s.split, s.data_dir)
+        elif s.kind == "manifest":
+            paths = source_paths(data, s)
+            records = ManifestSource(paths["manifest"], paths["image folder"])
         else:
-            raise ValueError(f"data.sources[{i}].kind={s.kind!r}: use 'synthetic' or 'tfds'")
+            raise ValueError(f"data.sources[{i}].kind={s.kind!r}: use 'synthetic', 'tfds' or 'manifest'")
+        weight = s.get("weight", 1.0)
         out.append(
             pipeline.Source(
                 records,
                 s.get("task", pipeline.AUTO),
-                s.get("weight", 1.0),
-                f"{s.kind}:{s.get('name', '')}{s.split}/{s.get('task', pipeline.AUTO)}",
+                float(len(records)) if weight == "size" else weight,
+                f"{s.kind}:{s.get('name', '')}{s.get('split', '')}/{s.get('task', pipeline.AUTO)}",
             )
         )
     return out
@@ -196,7 +235,8 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
         return train_vision(config, workdir, final)
     cfg = ModelConfig.from_dict(config.model.to_dict())
     train = config.train
-    tok, qtok = tokenizers(config.data, root)
+    tokenizer_folder = tokenizer_dir(config.data, root)
+    tok, qtok = load_tokenizers(tokenizer_folder)
     check_vocabularies(tok, qtok, cfg)
     stage1 = set(train.losses) <= {"itc", "itm", "itg"}
     train_dict = train.to_dict()
@@ -209,7 +249,9 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
     mesh = make_mesh(config.mesh)
     rules = rules_from_config(config)
     data_iter = batches(config.data, cfg, stage1, tok, qtok)
-    total = train.optimizer.total_steps
+    # total_steps counts optimizer updates; with gradient accumulation each takes grad_accum_steps batches, and the
+    # loop's steps (logs, checkpoints, evaluation) count batches.
+    total = train.optimizer.total_steps * train.optimizer.get("grad_accum_steps", 1)
     ckpt = config.checkpoint
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), ckpt.save_every, ckpt.keep, ckpt.async_save)
 
@@ -228,8 +270,9 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
             if start > total:  # its model would not be the one this config trains
                 checkpoints.close()
                 raise ValueError(
-                    f"{workdir}: the checkpoint of step {start} is past train.optimizer.total_steps="
-                    f"{total}; raise total_steps, or train in a new workdir"
+                    f"{workdir}: the checkpoint of step {start} is past this config's {total} steps "
+                    f"(train.optimizer.total_steps={train.optimizer.total_steps} x grad_accum_steps="
+                    f"{train.optimizer.get('grad_accum_steps', 1)}); raise total_steps, or train in a new workdir"
                 )
             print(f"{workdir}: resuming from the checkpoint of step {start}")
         reporter = Reporter(workdir, total, start, config.log_every, f"stage {config.stage}")
@@ -301,7 +344,7 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
         if data_iter.skipped:
             print(f"{workdir}: skipped samples by reason: {dict(data_iter.skipped)}")
         params = state.params()
-        save_final(final, params, cfg)
+        save_final(final, params, cfg, tokenizer_folder)
         results = evaluate(config, params, cfg, tok, qtok, show=config.eval.show)
         if jax.process_index() == 0:
             with open(os.path.join(workdir, EVAL_FILE), "w", encoding="utf-8") as f:
@@ -310,29 +353,48 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str, root: str) -> dic
 
 
 def evaluate(config, params, cfg: ModelConfig, tok, qtok, show: int = 0) -> dict:
-    """The stage's evaluation hook (config.eval: tasks on the synthetic test split); {} when it has none."""
-    if not config.eval.tasks:
-        return {}
-    from ziya_jax.evaluate.synthetic import evaluate_synthetic
+    """The stage's evaluation hook -> {language: synthetic scores} for config.eval.tasks (the synthetic test
+    split) and {"benchmarks": {task: scores}} for config.eval.benchmarks (released evaluation files under
+    data.data_dir, each {task, data[, images, split, limit, lang]} as `python -m ziya_jax.evaluate` reads them)."""
+    results = {}
+    if config.eval.tasks:
+        from ziya_jax.evaluate.synthetic import evaluate_synthetic
 
-    return evaluate_synthetic(
-        params,
-        cfg,
-        tok,
-        qtok,
-        image_size=cfg.vision.image_size,
-        n=config.eval.n,
-        batch_size=config.eval.batch_size,
-        tasks=tuple(config.eval.tasks),
-        show=show,
-    )
+        results = evaluate_synthetic(
+            params,
+            cfg,
+            tok,
+            qtok,
+            image_size=cfg.vision.image_size,
+            n=config.eval.n,
+            batch_size=config.eval.batch_size,
+            tasks=tuple(config.eval.tasks),
+            show=show,
+        )
+    benchmarks = config.eval.get("benchmarks", ())
+    if benchmarks:
+        from ziya_jax.evaluate.tasks import Settings, load_items, output_name, run_task
+
+        settings = Settings(batch_size=config.eval.batch_size)
+        results["benchmarks"] = {}
+        for bench in benchmarks:
+            root = config.data.get("data_dir", "")
+            images = os.path.join(root, bench["images"]) if bench.get("images") else None
+            items = load_items(
+                bench["task"], os.path.join(root, bench["data"]), images, bench.get("split"), bench.get("limit")
+            )
+            lang_settings = dataclasses.replace(settings, lang=bench.get("lang"))
+            _, scores = run_task(bench["task"], items, params, cfg, tok, qtok, lang_settings)
+            name = output_name(bench["task"], lang_settings.lang or "", os.path.basename(bench["data"]))
+            results["benchmarks"][name] = scores
+    return results
 
 
 def _flat_scores(results: dict) -> dict[str, float]:
     return {
-        f"{lang}/{k}": v
-        for lang, scores in results.items()
-        if isinstance(scores, dict)
+        f"{group}/{k}": v
+        for group, scores in [*results.items(), *results.get("benchmarks", {}).items()]
+        if isinstance(scores, dict) and group != "benchmarks"
         for k, v in scores.items()
         if isinstance(v, (int, float))
     }
