@@ -116,7 +116,7 @@ STAGE_DATA = {
         ("m3it", "conversation", ""),
         ("m3it_t", "conversation", ""),
         ("svit", "conversation", "visual_genome"),
-        ("bmmic", "conversation", ""),
+        ("bmmic", "conversation", "coco/train2014"),  # generated from COCO's captions and boxes
     ),
 }
 # Benchmarks scored at the end of each stage on the released evaluation files under DATA_DIR/eval/ (the full
@@ -171,6 +171,9 @@ def stage_config(stage: int, variant: str, *, smoke: bool, data_dir: str, init: 
     if smoke:
         optimizer.warmup_steps = 1
     config.train = dict(
+        # [DEC], appended to bert-base-uncased's pieces, is the Q-Former vocabulary's last id (training takes it
+        # from the tokenizer; `compile` reads it here)
+        dec_token_id=config.model["qformer"]["vocab_size"] - 1,
         trainable=trainable(stage, variant),
         losses=dict(itc=1.0, itm=1.0, itg=1.0) if stage == 1 else dict(lm=1.0),
         optimizer=optimizer,

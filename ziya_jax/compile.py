@@ -25,28 +25,7 @@ import re
 import sys
 import time
 
-GiB = 1024**3
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """Per-chip figures of a TPU generation (Cloud TPU documentation; bf16 dense peak)."""
-
-    libtpu_name: str  # the topology prefix libtpu knows
-    accelerator: str  # Cloud TPU accelerator-type prefix
-    hbm_bytes: int
-    peak_flops: float
-    hbm_bandwidth: float  # bytes/s
-    cores_per_chip: int  # what the user-facing size counts per chip (v4-8 = 4 chips)
-    torus_dims: int
-
-
-CHIPS = {
-    "v4": Chip("v4", "v4", 32 * GiB, 275e12, 1.2e12, 2, 3),
-    "v5e": Chip("v5e", "v5litepod", 16 * GiB, 197e12, 8.19e11, 1, 2),
-    "v5p": Chip("v5p", "v5p", 95 * GiB, 459e12, 2.765e12, 2, 3),
-    "v6e": Chip("v6e", "v6e", 32 * GiB, 918e12, 1.64e12, 1, 2),
-}
+from ziya_jax.accelerators import TPUS, Chip, GiB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +68,10 @@ def parse_topology(name: str, num_slices: int = 1) -> Topology:
     if not m:
         raise ValueError(
             f"unknown topology {name!r}: use e.g. v5e-64, v6e-16, v4-32, v5p-128 or v5e:8x8 "
-            f"(generations {', '.join(CHIPS)})"
+            f"(generations {', '.join(TPUS)})"
         )
     family, sep, size = m.groups()
-    chip = CHIPS[family]
+    chip = TPUS[family]
     if sep == ":":
         dims = tuple(int(d) for d in size.split("x"))
         if len(dims) != chip.torus_dims:

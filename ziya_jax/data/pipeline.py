@@ -31,20 +31,17 @@ Pair batches (stage 1):
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
-from ziya_jax.data import errors, formats, images, synthetic
+from ziya_jax.data import batching, formats, images, samples
+from ziya_jax.data.samples import AUTO
 
-AUTO = "auto"  # the task comes from the record: its "task" field, or the fields it has
-BOX_TASKS = ("grounding", "grounded_caption")
 SMALL_SOURCE = 4096  # shards shorter than this are shuffled by SmallShuffle
 
 
@@ -133,7 +130,7 @@ def mixture(
         if cfg.shuffle:
             seed = int(np.random.SeedSequence([cfg.seed, k]).generate_state(1)[0])
             ds = ds.shuffle(seed=seed) if len(ds) >= SMALL_SOURCE else SmallShuffle(ds, seed)
-        parts.append(ds.repeat(cfg.num_epochs).map(_TagTask(src.task)))
+        parts.append(ds.repeat(cfg.num_epochs).map(samples.TagTask(src.task)))
     if len(parts) == 1:
         return parts[0]
     return grain.MapDataset.mix(parts, [s.weight for s in sources])
@@ -177,12 +174,14 @@ def instruction_batches(
     """Batches for stages 2-3 (keys in the module docstring). `iter()` it; the iterator has `skipped`."""
     if cfg.qformer_text_len and qformer_tokenizer is None:
         raise ValueError("DataConfig.qformer_text_len > 0 (Chat) needs a qformer_tokenizer")
-    prepare = _PrepareInstruction(cfg, tokenizer, qformer_tokenizer if cfg.qformer_text_len else None)
+    prepare = samples.PrepareInstruction(cfg, tokenizer, qformer_tokenizer if cfg.qformer_text_len else None)
     return _finish(
         mixture(sources, cfg, process_index, process_count),
         prepare,
         cfg,
-        functools.partial(Packer, cfg.batch_size, cfg.text_len, cfg.max_images, tokenizer.pad_id) if cfg.pack else None,
+        functools.partial(batching.Packer, cfg.batch_size, cfg.text_len, cfg.max_images, tokenizer.pad_id)
+        if cfg.pack
+        else None,
     )
 
 
@@ -202,13 +201,17 @@ def pair_batches(
         raise ValueError("pair batches need DataConfig.qformer_text_len (BLIP-2 uses 32)")
     if cfg.pack:
         raise ValueError("DataConfig.pack is for instruction rows; image-caption pairs are not packed")
-    return _finish(mixture(sources, cfg, process_index, process_count), _PreparePair(cfg, qformer_tokenizer), cfg)
+    return _finish(
+        mixture(sources, cfg, process_index, process_count), samples.PreparePair(cfg, qformer_tokenizer), cfg
+    )
 
 
 def _finish(ds: grain.MapDataset, prepare, cfg: DataConfig, new_batch=None) -> grain.IterDataset:
     ds = ds.random_map(prepare, seed=cfg.seed)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=2 * cfg.batch_size))
-    it = SkipAndBatch(it, new_batch or functools.partial(Stack, cfg.batch_size), cfg.strict, cfg.max_consecutive_skips)
+    it = batching.SkipAndBatch(
+        it, new_batch or functools.partial(batching.Stack, cfg.batch_size), cfg.strict, cfg.max_consecutive_skips
+    )
     if cfg.num_workers:
         from absl import flags
 
@@ -218,317 +221,4 @@ def _finish(ds: grain.MapDataset, prepare, cfg: DataConfig, new_batch=None) -> g
         it = it.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size)
         )
-    return CountSkips(it)
-
-
-class _TagTask(grain.transforms.Map):
-    def __init__(self, task: str):
-        self.task = task
-
-    def map(self, record):
-        return record, self.task
-
-
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
-
-
-def record_fields(record: Mapping) -> tuple[str, list, dict]:
-    """(id, image sources, annotation) of a record from any source: a dict, or TFDS's bytes and JSON."""
-    if not isinstance(record, Mapping):
-        raise errors.BadSample(errors.BAD_ANNOTATION, f"record of type {type(record).__name__}")
-    rec_id = _text(record.get("id", "?"))
-    if "refused" in record:  # [reason, detail] from a source that could not make the record (see ManifestSource)
-        raise errors.BadSample(*record["refused"], rec_id)
-    ann = record.get("annotation", {})
-    if isinstance(ann, (bytes, np.bytes_, str)):
-        try:
-            ann = json.loads(_text(ann))
-        except ValueError as e:
-            raise errors.BadSample(errors.BAD_ANNOTATION, f"annotation is not JSON: {e}", rec_id) from None
-    if not isinstance(ann, Mapping):
-        raise errors.BadSample(errors.BAD_ANNOTATION, f"annotation of type {type(ann).__name__}", rec_id)
-    imgs = record.get("images", [])
-    if isinstance(imgs, (str, bytes)):
-        imgs = [imgs]
-    return rec_id, list(imgs), dict(ann)
-
-
-def infer_task(ann: Mapping) -> str:
-    """A record's task: its "task" field, else what its fields imply (box tasks must say which)."""
-    if "task" in ann:
-        return _text(ann["task"])
-    for field, task in (("conversations", "conversation"), ("question", "vqa"), ("caption", "caption")):
-        if field in ann:
-            return task
-    raise errors.BadSample(errors.UNKNOWN_TASK, f"no 'task' field and no known fields in {sorted(ann)}")
-
-
-def _skipped(rec_id: str, e: Exception) -> dict:
-    if isinstance(e, errors.BadSample):
-        return {"skipped": e.reason, "id": rec_id, "source": e.source, "detail": e.detail}
-    return {"skipped": errors.UNEXPECTED_ERROR, "id": rec_id, "source": "", "detail": f"{type(e).__name__}: {e}"}
-
-
-class _Prepare(grain.transforms.RandomMap):
-    """A record -> one prepared row, or a skip marker; never raises."""
-
-    def __init__(self, cfg: DataConfig):
-        self.cfg = cfg
-
-    def random_map(self, element, rng: np.random.Generator):
-        record, task = element
-        rec_id = "?"
-        try:
-            rec_id = _text(record.get("id", "?")) if isinstance(record, Mapping) else "?"
-            return self.prepare(*record_fields(record), task, rng)
-        except Exception as e:  # one bad sample must not end a run; it is counted (or raised when strict)
-            return _skipped(rec_id, e)
-
-    def pixels(self, src, name: str, crop: bool, rng: np.random.Generator) -> np.ndarray:
-        im = images.open_rgb(src, self.cfg.max_pixels, name, self.cfg.max_image_bytes)
-        box = images.random_resized_crop_box(*im.size, rng, self.cfg.crop_scale) if crop else None
-        return images.to_pixels(im, self.cfg.image_size, box)
-
-    def annotation(self, ann: dict, task: str, rng: np.random.Generator) -> tuple[dict, str]:
-        """Synthetic scenes become an annotation of the task, in a language drawn from cfg.languages."""
-        if "scene" in ann:
-            task = "caption" if task == AUTO else task
-            lang = self.cfg.languages[int(rng.integers(len(self.cfg.languages)))]
-            return synthetic.annotate(ann["scene"], task, lang, rng), task
-        return ann, infer_task(ann) if task == AUTO else task
-
-
-def _image_name(rec_id: str, src, i: int) -> str:
-    return src if isinstance(src, str) else f"{rec_id}/image{i}"
-
-
-class _PrepareInstruction(_Prepare):
-    def __init__(self, cfg: DataConfig, tokenizer, qformer_tokenizer):
-        super().__init__(cfg)
-        self.tokenizer, self.qformer_tokenizer = tokenizer, qformer_tokenizer
-
-    def prepare(self, rec_id: str, imgs: list, ann: dict, task: str, rng: np.random.Generator) -> dict:
-        cfg = self.cfg
-        crop = cfg.augment and "scene" not in ann
-        ann, task = self.annotation(ann, task, rng)
-        row, used = formats.model_input(
-            formats.conversation(task, ann),
-            len(imgs),
-            self.tokenizer,
-            self.qformer_tokenizer,
-            max_len=cfg.text_len,
-            image_token_id=cfg.image_token_id,
-            num_query_tokens=cfg.num_query_tokens,
-            instruction_len=cfg.qformer_text_len if self.qformer_tokenizer else 0,
-        )
-        if used > cfg.max_images:
-            raise errors.BadSample(errors.TOO_MANY_IMAGES, f"{used} images > {cfg.max_images} slots")
-        pixels = np.zeros((cfg.max_images, cfg.image_size, cfg.image_size, 3), np.float32)
-        for i in range(used):
-            pixels[i] = self.pixels(imgs[i], _image_name(rec_id, imgs[i], i), crop and task not in BOX_TASKS, rng)
-        row["pixel_values"] = pixels
-        row["image_mask"] = (np.arange(cfg.max_images) < used).astype(np.int32)
-        return row
-
-
-class _PreparePair(_Prepare):
-    def __init__(self, cfg: DataConfig, qformer_tokenizer):
-        super().__init__(cfg)
-        self.qformer_tokenizer = qformer_tokenizer
-
-    def prepare(self, rec_id: str, imgs: list, ann: dict, task: str, rng: np.random.Generator) -> dict:
-        crop = self.cfg.augment and "scene" not in ann
-        ann, task = self.annotation(ann, "caption" if task == AUTO else task, rng)
-        caption = formats.conversation(task, ann).turns[0].answer
-        if not caption.strip():
-            raise errors.BadSample(errors.EMPTY_TEXT, "empty caption")
-        if len(imgs) != 1:
-            raise errors.BadSample(errors.IMAGE_COUNT_MISMATCH, f"a pair needs one image, got {len(imgs)}")
-        q = formats.encode_qformer_text(caption, self.qformer_tokenizer, self.cfg.qformer_text_len, "right")
-        itg = q["ids"].copy()
-        itg[0] = self.qformer_tokenizer.dec_id
-        pixels = self.pixels(imgs[0], _image_name(rec_id, imgs[0], 0), crop, rng)
-        return {"pixel_values": pixels, "text_ids": q["ids"], "text_mask": q["mask"], "itg_ids": itg}
-
-
-def _stack(rows: list[dict]) -> dict[str, np.ndarray]:
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-
-
-class Stack:
-    """One batch being filled: `batch_size` rows as they come."""
-
-    def __init__(self, batch_size: int):
-        self.batch_size, self.rows = batch_size, []
-
-    @property
-    def full(self) -> bool:
-        return len(self.rows) == self.batch_size
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def add(self, row: dict) -> bool:
-        self.rows.append(row)
-        return True
-
-    def batch(self) -> dict[str, np.ndarray]:
-        return _stack(self.rows)
-
-
-class Packer:
-    """One packed batch being filled: each prepared instruction row goes, whole and in order, into the first of
-    `batch_size` rows with room for its tokens and images (the format is in the module docstring)."""
-
-    def __init__(self, batch_size: int, text_len: int, max_images: int, pad_id: int):
-        self.text_len, self.max_images, self.pad_id = text_len, max_images, pad_id
-        self.rows = [[] for _ in range(batch_size)]
-        self.room = [(text_len, max_images)] * batch_size
-
-    @property
-    def full(self) -> bool:
-        return all(tokens == 0 for tokens, _ in self.room)
-
-    def __len__(self) -> int:
-        return sum(len(examples) for examples in self.rows)
-
-    def add(self, example: dict) -> bool:
-        """Places the example; False (and nothing placed) when it fits in no row."""
-        need = int(example["attention_mask"].sum()), int(example["image_mask"].sum())
-        for i, (tokens, slots) in enumerate(self.room):
-            if need[0] <= tokens and need[1] <= slots:
-                self.rows[i].append(example)
-                self.room[i] = (tokens - need[0], slots - need[1])
-                return True
-        return False
-
-    def batch(self) -> dict[str, np.ndarray]:
-        return _stack([self._row(examples) for examples in self.rows])
-
-    def _row(self, examples: list[dict]) -> dict[str, np.ndarray]:
-        text = {k: [] for k in ("input_ids", "attention_mask", "loss_mask", "segment_ids", "positions")}
-        images = {k: [] for k in ("pixel_values", "image_mask", "qformer_ids", "qformer_mask") if k in examples[0]}
-        for segment, ex in enumerate(examples, 1):
-            length, used = int(ex["attention_mask"].sum()), int(ex["image_mask"].sum())
-            for k in ("input_ids", "attention_mask", "loss_mask"):
-                text[k].append(ex[k][:length])
-            text["segment_ids"].append(np.full(length, segment, np.int32))
-            text["positions"].append(np.arange(length, dtype=np.int32))
-            images["pixel_values"].append(ex["pixel_values"][:used])
-            images["image_mask"].append(ex["image_mask"][:used])
-            for k in ("qformer_ids", "qformer_mask"):
-                if k in images:
-                    images[k].append(np.repeat(ex[k][None], used, axis=0))
-        row = {}
-        for k, parts in text.items():
-            row[k] = np.full(self.text_len, self.pad_id if k == "input_ids" else 0, np.int32)
-            flat = np.concatenate(parts)
-            row[k][: len(flat)] = flat
-        for k, parts in images.items():
-            flat = np.concatenate(parts)
-            row[k] = np.zeros((self.max_images, *flat.shape[1:]), flat.dtype)
-            row[k][: len(flat)] = flat
-        return row
-
-
-class SkipAndBatch(grain.IterDataset):
-    """Fills one batch at a time (`new_batch()`: a Stack, or a Packer for packed rows) with good rows, passing
-    on how many samples of each reason it dropped on the way:
-    -> {"batch": {...} | None, "skipped": {reason: n}, "error": None | (kind, message)}; the batch is None
-    after an error, or at the end of a finite input when the last rows were dropped. It runs where the
-    rows are prepared (in each worker process, when there are workers), so only whole batches cross
-    process boundaries; `CountSkips` then totals the counts in the main process. A last partial batch is
-    dropped, because every batch must have the same static shape, and its rows are counted as partial_batch
-    (with workers, each worker's). A row that no longer fits a packed batch starts the next one; until then
-    the iterator's state is the input's state from before that row, so a restore reads it again."""
-
-    def __init__(self, parent: grain.IterDataset, new_batch, strict: bool = False, max_consecutive_skips: int = 1000):
-        super().__init__(parent)
-        self.new_batch, self.strict, self.max_consecutive_skips = new_batch, strict, max_consecutive_skips
-
-    def __iter__(self) -> "_SkipAndBatchIterator":
-        return _SkipAndBatchIterator(self._parent.__iter__(), self)
-
-
-class _SkipAndBatchIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, spec: SkipAndBatch):
-        super().__init__(parent)
-        self.spec = spec
-        self.held, self.held_state = None, None  # the row that did not fit the last batch, and the state before it
-
-    def __next__(self) -> dict[str, Any]:
-        batch, skipped, run = self.spec.new_batch(), collections.Counter(), 0
-        if self.held is not None:
-            batch.add(self.held)
-            self.held = self.held_state = None
-        while not batch.full:
-            state = self._parent.get_state() if isinstance(batch, Packer) else None
-            try:
-                row = next(self._parent)
-            except StopIteration:  # the end of a finite epoch: report the skips and the rows too few for a batch
-                if len(batch):
-                    skipped[errors.PARTIAL_BATCH] += len(batch)
-                if skipped:
-                    return {"batch": None, "skipped": dict(skipped), "error": None}
-                raise
-            if "skipped" not in row:
-                run = 0
-                if not batch.add(row):
-                    self.held, self.held_state = row, state
-                    break
-                continue
-            skipped[row["skipped"]] += 1
-            run += 1
-            where = row["id"] + (f" ({row['source']})" if row["source"] and row["source"] != row["id"] else "")
-            message = f"sample {where}: {row['skipped']}: {row['detail']}"
-            if self.spec.strict:
-                return {"batch": None, "skipped": dict(skipped), "error": ("strict", message)}
-            if run >= self.spec.max_consecutive_skips:
-                return {
-                    "batch": None,
-                    "skipped": dict(skipped),
-                    "error": ("stuck", f"{run} bad samples in a row (last: {message})"),
-                }
-        return {"batch": batch.batch(), "skipped": dict(skipped), "error": None}
-
-    def get_state(self) -> dict[str, Any]:
-        return self._parent.get_state() if self.held is None else self.held_state
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state)
-        self.held = self.held_state = None
-
-
-class CountSkips(grain.IterDataset):
-    """Unwraps SkipAndBatch's output into plain batches and keeps the running skip counts in
-    `iterator.skipped` and in the iterator state; raises BadSampleError (strict) or RuntimeError (a run of
-    max_consecutive_skips bad samples) in the main process."""
-
-    def __iter__(self) -> "CountSkipsIterator":
-        return CountSkipsIterator(self._parent.__iter__())
-
-
-class CountSkipsIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator):
-        super().__init__(parent)
-        self.skipped: collections.Counter[str] = collections.Counter()
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        out = {"batch": None, "error": None}
-        while out["batch"] is None and out["error"] is None:  # batch None, no error: counts at the very end
-            out = next(self._parent)
-            self.skipped.update(out["skipped"])
-        if out["error"] is not None:
-            kind, message = out["error"]
-            if kind == "strict":
-                raise errors.BadSampleError(message)
-            raise RuntimeError(f"{message}; skipped so far: {dict(self.skipped)}")
-        return out["batch"]
-
-    def get_state(self) -> dict[str, Any]:
-        return {"parent": self._parent.get_state(), "skipped": dict(self.skipped)}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._parent.set_state(state["parent"])
-        self.skipped = collections.Counter(state["skipped"])
+    return batching.CountSkips(it)

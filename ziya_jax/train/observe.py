@@ -15,20 +15,9 @@ import numpy as np
 from jax.extend.core import jaxprs_in_params
 from tqdm.auto import tqdm
 
+from ziya_jax.accelerators import peak_flops_of
 from ziya_jax.model.layers import matmul
 
-# Dense bf16 matmul peaks per chip (vendor figures), by a substring of jax's device_kind.
-PEAK_FLOPS = (
-    ("v6 lite", 918e12),
-    ("v6e", 918e12),
-    ("v5p", 459e12),
-    ("v5 lite", 197e12),
-    ("v5e", 197e12),
-    ("v4", 275e12),
-    ("H200", 989e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-)
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -52,9 +41,9 @@ def measure_matmul_flops(n: int | None = None, dtype=jnp.float32, seconds: float
 def peak_flops(device=None) -> tuple[float, str]:
     """(FLOP/s, where the figure comes from) for one device."""
     device = device or jax.devices()[0]
-    for key, flops in PEAK_FLOPS:
-        if key.lower() in device.device_kind.lower():
-            return flops, f"{device.device_kind} bf16 peak"
+    flops = peak_flops_of(device.device_kind)
+    if flops:
+        return flops, f"{device.device_kind} bf16 peak"
     return measure_matmul_flops(), f"measured f32 matmul on {device.device_kind}"
 
 
