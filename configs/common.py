@@ -24,6 +24,13 @@ LORA_TARGETS = (
 )
 QFORMER = ("qformer", "query_tokens")
 STAGE1_HEADS = ("vision_proj", "text_proj", "itm_head", "temp")
+# After stage 1 the Q-Former's ITG head (lm_*) stays frozen with the other stage-1 heads; Base's Q-Former sees no
+# text then, so it trains only the query side (its text branch would get no gradient, only optimizer state).
+QFORMER_BUT_ITG = (r"qformer/(?!lm_)[^/]+", "query_tokens")
+QFORMER_QUERY_SIDE = (
+    r"qformer/(layernorm|layer/[^/]+/(attention|crossattention|intermediate_query|output_query))",
+    "query_tokens",
+)
 
 FULL_MODEL = dict(
     vision=dict(image_size=224, patch_size=14, width=1408, depth=39, num_heads=16, mlp_dim=6144, layer_norm_eps=1e-6),
@@ -134,8 +141,10 @@ def trainable(stage: int, variant: str) -> tuple[str, ...]:
     if stage == 1:
         return QFORMER + STAGE1_HEADS
     if stage == 2:
-        return (QFORMER if variant == "chat" else ()) + ("language_projection",)
-    return QFORMER + ("language_projection",) + ((r".*/lora_[ab]",) if variant == "chat" else ())
+        return (QFORMER_BUT_ITG if variant == "chat" else ()) + ("language_projection",)
+    if variant == "chat":
+        return QFORMER_BUT_ITG + ("language_projection", r".*/lora_[ab]")
+    return QFORMER_QUERY_SIDE + ("language_projection",)
 
 
 def stage_config(stage: int, variant: str, *, smoke: bool, data_dir: str, init: str, lora_rank: int):

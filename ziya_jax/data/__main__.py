@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     conv.add_argument("--out", required=True, help="the manifest to write (JSON lines)")
     conv.add_argument("--split", help="the split to convert where the files hold several (default: train)")
     conv.add_argument("--task", choices=formats.TASKS, help="for grounding formats: one task (default: both)")
+    # listed for --help only: main() hands `bmmic ...` to its own parser before this one parses anything
+    sub.add_parser("bmmic", help="bilingual instruction data through an LLM endpoint (bmmic --help)")
     args = parser.parse_args(argv)
 
     if args.command == "convert":
