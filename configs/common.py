@@ -147,8 +147,9 @@ def trainable(stage: int, variant: str) -> tuple[str, ...]:
     return QFORMER_QUERY_SIDE + ("language_projection",)
 
 
-def stage_config(stage: int, variant: str, *, smoke: bool, data_dir: str, init: str, lora_rank: int):
-    """One stage of the full-size recipe (sizes shrunk when smoke)."""
+def stage_config(stage: int, variant: str, *, smoke: bool, data_dir: str, init: str, lora_rank: int, alone: bool):
+    """One stage of the full-size recipe (sizes shrunk when smoke). It starts from `init` when it is stage 1 or
+    runs alone (fine-tuning a converted model); in the three-stage run, stages 2 and 3 start from the stage before."""
     config = ml_collections.ConfigDict()
     config.stage = stage
     config.model = for_stage(
@@ -186,7 +187,7 @@ def stage_config(stage: int, variant: str, *, smoke: bool, data_dir: str, init: 
         trainable=trainable(stage, variant),
         losses=dict(itc=1.0, itm=1.0, itg=1.0) if stage == 1 else dict(lm=1.0),
         optimizer=optimizer,
-        init_from=init if stage == 1 else "",
+        init_from=init if stage == 1 or alone else "",
         frozen_dtype="bfloat16",  # what does not train is only read, in bf16 compute: half its memory
         seed=stage,
     )
@@ -208,10 +209,17 @@ def stage_config(stage: int, variant: str, *, smoke: bool, data_dir: str, init: 
 
 def recipe(variant: str, args: dict) -> ml_collections.ConfigDict:
     """`stage=all` (the default): the three stages in turn, each in WORKDIR/stageN; `stage=N`: that one."""
+    alone = args["stage"] != "all"
     make = lambda s: stage_config(
-        s, variant, smoke=args["smoke"], data_dir=args["data_dir"], init=args["init"], lora_rank=args["lora_rank"]
+        s,
+        variant,
+        smoke=args["smoke"],
+        data_dir=args["data_dir"],
+        init=args["init"],
+        lora_rank=args["lora_rank"],
+        alone=alone,
     )
-    if args["stage"] != "all":
+    if alone:
         if args["stage"] not in ("1", "2", "3"):
             raise ValueError(f"stage={args['stage']!r}: choose 1, 2, 3 or all")
         return make(int(args["stage"]))

@@ -327,6 +327,7 @@ def test_fine_tuning_round_trip_matches_transformers(released_weights, data_dir,
     )
     rc, _, stderr = run(*train)
     assert rc == 0, stderr[-3000:]
+    assert f"init_from {released_weights['chat']}:" in stderr  # the stage starts from the converted release
     model_dir = tmp_path / "run" / "model"
     rc, stdout, stderr = run(
         "-m", "ziya_jax.convert", "to-hf", "--checkpoint", str(model_dir), "--out", str(tmp_path / "hf")
@@ -338,6 +339,8 @@ def test_fine_tuning_round_trip_matches_transformers(released_weights, data_dir,
     name = "language_model.model.layers.0.self_attn.q_proj.weight"
     trained, before = exported.state_dict(), released.state_dict()
     assert not torch.equal(trained[name], before[name])  # the LoRA update, merged
+    embed = "language_model.model.embed_tokens.weight"  # frozen, kept in bf16: the release's, rounded once
+    assert torch.equal(trained[embed], before[embed].to(torch.bfloat16).float())
 
     params, cfg = load_model(str(model_dir))
     cfg = dataclasses.replace(cfg, dtype="float32")
