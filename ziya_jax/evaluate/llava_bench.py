@@ -38,7 +38,7 @@ import os
 import re
 from collections.abc import Sequence
 
-from ziya_jax.evaluate.datasets import _check_images, _field
+from ziya_jax.evaluate.datasets import _check_images, _field, load_json
 
 CATEGORIES = ("conv", "detail", "complex")
 SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
@@ -137,11 +137,7 @@ def _rules(path: str, keys: set[str]) -> dict:
             f"no judge rules at {path}: put LLaVA's rule.json (llava/eval/table/rule.json in its repository) "
             "there, or name it with --rules"
         )
-    with open(path, encoding="utf-8") as f:
-        try:
-            rules = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    rules = load_json(path)
     if not isinstance(rules, dict):
         raise ValueError(f"{path}: expected {{category: {{role, prompt}}}}")
     for key in sorted(keys):
