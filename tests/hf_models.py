@@ -57,6 +57,14 @@ def make_hf_model(
         rope_theta=rope_theta,
         tie_word_embeddings=tie_word_embeddings,
     )
+    return build_hf_model(kind, vision, qformer, text, NUM_QUERIES, IMAGE_TOKEN, scale=0.1)
+
+
+def build_hf_model(
+    kind: str, vision: dict, qformer: dict, text: LlamaConfig, num_queries: int, image_token: int, scale
+):
+    """A Blip2 or InstructBlip model of these sub-configs, every weight moved by normal noise of std `scale` (the
+    caller seeds torch)."""
     config_cls, model_cls = {
         "blip2": (Blip2Config, Blip2ForConditionalGeneration),
         "instructblip": (InstructBlipConfig, InstructBlipForConditionalGeneration),
@@ -65,13 +73,13 @@ def make_hf_model(
         vision_config=vision,
         qformer_config=qformer,
         text_config=text.to_dict(),
-        num_query_tokens=NUM_QUERIES,
-        image_token_index=IMAGE_TOKEN,
+        num_query_tokens=num_queries,
+        image_token_index=image_token,
     )
     model = model_cls(config).eval()
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+            p.add_(torch.randn_like(p) * scale)
     return model
 
 

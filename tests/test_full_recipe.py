@@ -19,14 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hf_models import build_hf_model
 from test_data_released import image_bytes, put_images, ref, refcoco_files, write_json
 from test_evaluate_datasets import make_images
 from transformers import (
     AutoModelForImageTextToText,
-    Blip2Config,
-    Blip2ForConditionalGeneration,
-    InstructBlipConfig,
-    InstructBlipForConditionalGeneration,
     LlamaConfig,
 )
 
@@ -101,23 +98,9 @@ def hf_model(variant: str):
         max_position_embeddings=llm["max_position_embeddings"],
         rms_norm_eps=llm["rms_norm_eps"],
     )
-    config_cls, model_cls = {
-        "chat": (InstructBlipConfig, InstructBlipForConditionalGeneration),
-        "base": (Blip2Config, Blip2ForConditionalGeneration),
-    }[variant]
-    config = config_cls(
-        vision_config=vision,
-        qformer_config=qformer,
-        text_config=text.to_dict(),
-        num_query_tokens=SMOKE["num_query_tokens"],
-        image_token_index=SMOKE["image_token_id"],
-    )
     torch.manual_seed(0)
-    model = model_cls(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+    kind = {"chat": "instructblip", "base": "blip2"}[variant]
+    return build_hf_model(kind, vision, qformer, text, SMOKE["num_query_tokens"], SMOKE["image_token_id"], scale=0.05)
 
 
 @pytest.fixture(scope="module")
