@@ -585,18 +585,16 @@ def test_generate_against_the_project_server(tiny_chat, coco, tmp_path):
     """`python -m ziya_jax.serve` with the tiny untrained model as the endpoint: the requests (system message,
     images as data: URIs, the key from a file) are served; its answers are no JSON, so each is asked again once
     and then counted as rejected, and the run still ends well with nothing written."""
-    from test_serve import Server, save_variant
+    from clis import Server
+    from test_serve import save_variant
 
     checkpoint = save_variant(tiny_chat, tmp_path, context=1024)
-    server = Server(checkpoint, "--api-key-file", str(tmp_path / "key"), "--no-page")
-    try:
+    with Server(checkpoint, "--api-key-file", str(tmp_path / "key"), "--no-page") as server:
         flags = ["--types", "conversation", "--langs", "en", "--limit", "2", "--examples", "0", "--send-images"]
         flags += ["--max-tokens", "8", "--parse-retries", "1", "--no-progress", "--api-key-file", str(tmp_path / "key")]
         out = tmp_path / "gen.jsonl"
         argv = generate_args(coco, out, "--base-url", f"{server.url}/v1", "--model", "ckpt", *flags)
         assert bmmic(argv) == 0  # its --examples 0 overrides generate_args' 1: the context is 1024 tokens
-    finally:
-        server.close()
     report = json.loads((tmp_path / "gen.jsonl.report.json").read_text())
     llm = report["llm"]
     assert (llm["requests"], llm["calls"], llm["failures"]) == (2, 4, {"rejected": 2})

@@ -3,14 +3,12 @@ data pipeline's for the same conversation, on conftest's tiny_chat model."""
 
 import io
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from clis import cli
 
 from ziya_jax.chat import ChatSession
 from ziya_jax.data import formats, pipeline
@@ -21,7 +19,6 @@ from ziya_jax.model import ZiyaVisual
 
 pytestmark = pytest.mark.slow  # not in the fast lane (pytest -m "not slow")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTION = "What colour is the circle?"
 NEW_TOKENS = 6
 
@@ -51,19 +48,6 @@ def reference_greedy(params, cfg, tok, qtok, pixels, question, steps):
     return out, finite
 
 
-def run(module, *args, stdin=None):
-    done = subprocess.run(
-        [sys.executable, "-m", f"ziya_jax.{module}", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-    return done
-
-
 def test_generate_chat_and_evaluation_answer_as_the_reference(setup):
     root, params, cfg, tok, qtok = setup
     pixels = load_image(str(root / "img.png"), cfg.vision.image_size)
@@ -72,7 +56,7 @@ def test_generate_chat_and_evaluation_answer_as_the_reference(setup):
     answer = tok.decode([t for t in want if t != tok.eos_id])
     assert answer.strip(), "the untrained model's answer should not be empty for this check to mean anything"
 
-    gen = run(
+    gen = cli(
         "generate",
         "--checkpoint",
         str(root / "ckpt"),
@@ -87,7 +71,7 @@ def test_generate_chat_and_evaluation_answer_as_the_reference(setup):
     assert gen.returncode == 0, gen.stderr
     assert json.loads(gen.stdout.strip().splitlines()[-1])["token_ids"] == want
 
-    chat = run(
+    chat = cli(
         "chat",
         "--checkpoint",
         str(root / "ckpt"),
@@ -168,7 +152,7 @@ def test_a_long_chat_drops_its_oldest_turns_and_says_so(setup):
     root, params, cfg, tok, qtok = setup
     question = "Describe every object in the picture in as much detail as you can, please. " * 2
     lines = [f"/image {root / 'img.png'}"] + [question] * 8
-    chat = run(
+    chat = cli(
         "chat",
         "--checkpoint",
         str(root / "ckpt"),
@@ -189,7 +173,7 @@ def test_a_long_chat_drops_its_oldest_turns_and_says_so(setup):
 def test_chat_refuses_a_question_that_cannot_fit_and_carries_on(setup):
     root = setup[0]
     huge = "word " * 400
-    chat = run(
+    chat = cli(
         "chat",
         "--checkpoint",
         str(root / "ckpt"),
@@ -208,7 +192,7 @@ def test_generate_raw_ids_and_npy_pixels(setup, tmp_path):
     root, params, cfg, tok, qtok = setup
     pixels = np.random.default_rng(1).normal(size=(3, 28, 28)).astype(np.float32)  # HF layout
     np.save(tmp_path / "px.npy", pixels)
-    gen = run(
+    gen = cli(
         "generate",
         "--checkpoint",
         str(root / "ckpt"),
@@ -256,13 +240,7 @@ def test_generate_bad_input_is_one_line(setup, tmp_path, extra, message):
     root = setup[0]
     np.save(tmp_path / "nan.npy", np.full((28, 28, 3), np.nan, np.float32))
     extra = [str(tmp_path / "nan.npy") if a == "NAN" else a for a in extra]
-    done = subprocess.run(
-        [sys.executable, "-m", "ziya_jax.generate", "--checkpoint", str(root / "ckpt"), *extra],
-        capture_output=True,
-        cwd=ROOT,
-        timeout=300,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
+    done = cli("generate", "--checkpoint", root / "ckpt", *extra, text=False)
     err = done.stderr.decode("utf-8", "replace")
     assert done.returncode == 2 and message in err and "Traceback" not in err, err
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
@@ -271,23 +249,7 @@ def test_generate_bad_input_is_one_line(setup, tmp_path, extra, message):
 def test_chat_says_invalid_utf8_and_keeps_the_conversation(setup):
     root = setup[0]
     stdin = f"/image {root / 'img.png'}\n".encode() + b"caf\xe9?\n" + b"Hello\n"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ziya_jax.chat",
-            "--checkpoint",
-            str(root / "ckpt"),
-            "--greedy",
-            "--max-new-tokens",
-            "3",
-        ],
-        input=stdin,
-        capture_output=True,
-        cwd=ROOT,
-        timeout=300,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
+    done = cli("chat", "--checkpoint", root / "ckpt", "--greedy", "--max-new-tokens", 3, stdin=stdin, text=False)
     out = done.stdout.decode().splitlines()
     assert done.returncode == 0 and out[1] == "(image 1 added)"
     assert out[2].startswith("error: that line is not valid UTF-8") and out[3] and not out[3].startswith("error")

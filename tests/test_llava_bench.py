@@ -7,11 +7,10 @@ import collections
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from clis import run_cli
 from llm_server import ScriptedServer, server_error
 from PIL import Image
 
@@ -293,20 +292,6 @@ def test_cli_judges_an_answer_file_and_refuses_missing_flags(tmp_path, capsys):
     assert [r["tuple"] for r in reviews] == [[-1, -1]] * 6
 
 
-def run_evaluate(*args) -> str:
-    """`python -m ziya_jax.evaluate ARGS` as a user runs it -> its stdout; it must succeed."""
-    done = subprocess.run(
-        [sys.executable, "-m", "ziya_jax.evaluate", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
 def row(table: str, label: str) -> list[str]:
     return next(line for line in table.splitlines() if line.startswith(label))[len(label) :].split()
 
@@ -324,8 +309,8 @@ def test_cli_on_a_tiny_chat_model_in_english_and_chinese(tiny_chat, tmp_path):
         runs = {}
         for lang, folder in (("en", "coco"), ("zh", "coco_zh")):
             data, images = coco_set(tmp_path, folder)
-            runs[lang] = run_evaluate(
-                *common, "--data", data, "--image-dir", images, "--lang", lang, *judge, "--out", out
+            runs[lang] = run_cli(
+                "evaluate", *common, "--data", data, "--image-dir", images, "--lang", lang, *judge, "--out", out
             )
         assert server.answered() == 12
 

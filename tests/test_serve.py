@@ -11,8 +11,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -23,57 +21,19 @@ import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
+from clis import Server, run_cli
 from PIL import Image
 
 from ziya_jax.checkpoint import load_model, save_model
 
 pytestmark = pytest.mark.slow  # not in the fast lane (pytest -m "not slow")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "test-key-0123"
 QUESTIONS = ["What colour is the circle?", "How many squares are there?", "请简要描述这张图片。", "Where is the dog?"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python -m ziya_jax.serve` on a free loopback port, up once /health answers."""
-
-    def __init__(self, checkpoint, *flags):
-        self.checkpoint, self.port = checkpoint, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ziya_jax.serve", "--checkpoint", str(checkpoint), "--port", str(self.port), *flags],
-            cwd=ROOT,
-            env={**os.environ, "JAX_PLATFORMS": "cpu"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.proc.stdout.read()}")
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=2)
-                return
-            except OSError:
-                time.sleep(0.5)
-        self.close()
-        raise RuntimeError("the server did not come up in 180 s")
-
-    def close(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.stdout.read()
+class APIServer(Server):
+    """The server as this module's clients speak to it, with its key."""
 
     def idle(self):
         """Wait (bounded) until no request runs or waits: an earlier test's clients may have just left."""
@@ -128,9 +88,9 @@ def save_variant(tiny_chat, folder, context=None):
 def server(tiny_chat, tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve")
     checkpoint = save_variant(tiny_chat, folder)
-    s = Server(checkpoint, "--api-key-file", str(folder / "key"), "--image-root", str(tiny_chat[0]), "--no-page")
-    yield s
-    s.close()
+    flags = ("--api-key-file", str(folder / "key"), "--image-root", str(tiny_chat[0]), "--no-page")
+    with APIServer(checkpoint, *flags) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -140,24 +100,8 @@ def slow_server(tiny_chat, tmp_path_factory):
     folder = tmp_path_factory.mktemp("long")
     checkpoint = save_variant(tiny_chat, folder, context=8192)
     flags = ("--api-key-file", str(folder / "key"), "--slots", "1", "--queue", "1", "--max-tokens", "8000")
-    s = Server(checkpoint, *flags, "--no-page")
-    yield s
-    s.close()
-
-
-def run_cli(module: str, *args, stdin=None) -> str:
-    """`python -m ziya_jax.<module> ARGS` as a user runs it -> its stdout (it must succeed)."""
-    done = subprocess.run(
-        [sys.executable, "-m", f"ziya_jax.{module}", *map(str, args)],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+    with APIServer(checkpoint, *flags, "--no-page") as s:
+        yield s
 
 
 def generate_cli(checkpoint, image, question, tokens) -> dict:

@@ -7,17 +7,12 @@ that goes on is checked without a browser, against the API's own conversion."""
 
 import base64
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 
 import pytest
+from clis import Server
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
@@ -27,16 +22,9 @@ from selenium.webdriver.support.ui import WebDriverWait
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.slow  # not in the fast lane (pytest -m "not slow")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "page-key-0123"
 WAIT = 120  # seconds any one step may take on a slow 2-core machine
 EN, ZH = "Describe the image briefly.", "请简要描述这张图片。"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,39 +32,8 @@ def server(tiny_chat, tmp_path_factory):
     """The server's URL, with the page (and an API key), up once /health answers; SIGTERM at the end."""
     folder = tmp_path_factory.mktemp("page")
     (folder / "key").write_text(KEY)
-    port, log = free_port(), open(folder / "server.log", "w+")
-
-    def output() -> str:
-        log.seek(0)
-        return log.read()
-
-    command = [sys.executable, "-m", "ziya_jax.serve", "--checkpoint", str(tiny_chat[0] / "ckpt"), "--port", str(port)]
-    proc = subprocess.Popen(
-        [*command, "--api-key-file", str(folder / "key")],
-        cwd=ROOT,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None and time.time() < deadline, f"the server is not up: {output()}"
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with Server(tiny_chat[0] / "ckpt", "--api-key-file", str(folder / "key")) as s:
+        yield s.url
 
 
 @pytest.fixture

@@ -58,11 +58,10 @@ def config_file(tmp_path_factory):
     return str(path)
 
 
-def train_command(config_file, workdir, arg="stage=2", *overrides):
+def train_command(config_file, workdir, arg="stage=2", *overrides, program=("-m", "ziya_jax.train")):
     return [
         sys.executable,
-        "-m",
-        "ziya_jax.train",
+        *program,
         "--config",
         f"{config_file}:{arg}",
         "--workdir",
@@ -111,10 +110,40 @@ def saved_steps(workdir):
     return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
 
 
-def interrupt(config_file, workdir, sig, after_step):
-    """Start a run, wait until the checkpoint of `after_step` is final, then send `sig`."""
+# `python -m ziya_jax.train` with its periodic evaluation (eval.every) replaced by a hold that lasts until a SIGTERM,
+# which the loop's own handler gets too; WORKDIR/held appears once the hold has begun. A test thus signals the run
+# at a known step, however fast the machine.
+HELD_TRAIN = """
+import os, signal, sys, time
+
+from ziya_jax.train import __main__ as train, loop
+
+
+def hold(*args, **kwargs):
+    loop_handler, received = signal.getsignal(signal.SIGTERM), []
+
+    def handler(signum, frame):
+        received.append(signum)
+        loop_handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, handler)
+    open(os.path.join(sys.argv[sys.argv.index("--workdir") + 1], "held"), "w").close()
+    while not received:
+        time.sleep(0.05)
+    return {}
+
+
+loop.evaluate = hold
+sys.exit(train.main())
+"""
+HELD_AT, LAST_SAVED = 10, 8  # the run is held two steps past its checkpoint of step 8 (save_every=4)
+
+
+def interrupt(config_file, workdir, sig):
+    """Start a run held at step HELD_AT, wait until it is held there and its checkpoint of step LAST_SAVED is
+    final, then send `sig`."""
     proc = subprocess.Popen(
-        train_command(config_file, workdir),
+        train_command(config_file, workdir, "stage=2", f"--config.eval.every={HELD_AT}", program=("-c", HELD_TRAIN)),
         env=environment(),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -122,9 +151,9 @@ def interrupt(config_file, workdir, sig, after_step):
         text=True,
     )
     deadline = time.time() + 300
-    while not any(s >= after_step for s in saved_steps(workdir)):
-        assert proc.poll() is None, f"the run ended before step {after_step}: {proc.stderr.read()[-3000:]}"
-        assert time.time() < deadline, "no checkpoint appeared"
+    while not (os.path.exists(os.path.join(workdir, "held")) and LAST_SAVED in saved_steps(workdir)):
+        assert proc.poll() is None, f"the run ended before step {HELD_AT}: {proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, f"the run was not held at step {HELD_AT} with its checkpoint"
         time.sleep(0.05)
     proc.send_signal(sig)
     proc.wait(timeout=120)
@@ -139,9 +168,9 @@ def test_loss_goes_down_on_the_synthetic_set(reference):
 
 def test_kill_9_then_rerun_gives_the_uninterrupted_losses(config_file, reference, tmp_path):
     ref_dir, ref = reference
-    proc = interrupt(config_file, tmp_path, signal.SIGKILL, after_step=8)
+    proc = interrupt(config_file, tmp_path, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
-    assert len(read_metrics(str(tmp_path))) < STEPS, "the run finished before it was killed"
+    assert len(read_metrics(str(tmp_path))) == HELD_AT  # two steps past the checkpoint the rerun starts from
     result = train(config_file, tmp_path)
     assert "resuming from the checkpoint of step" in result.stdout
     np.testing.assert_allclose(list(losses(tmp_path).values()), list(ref.values()), rtol=1e-6)
@@ -153,10 +182,10 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_losses(config_file, reference
 
 def test_sigterm_saves_then_rerun_resumes(config_file, reference, tmp_path):
     _, ref = reference
-    proc = interrupt(config_file, tmp_path, signal.SIGTERM, after_step=8)
+    proc = interrupt(config_file, tmp_path, signal.SIGTERM)
     assert proc.returncode == 143, proc.stderr.read()[-3000:]
     stopped_at = len(read_metrics(str(tmp_path)))
-    assert stopped_at < STEPS and saved_steps(tmp_path)[-1] == stopped_at  # saved exactly where it stopped
+    assert stopped_at == HELD_AT + 1 and saved_steps(tmp_path)[-1] == stopped_at  # saved exactly where it stopped
     train(config_file, tmp_path)
     np.testing.assert_allclose(list(losses(tmp_path).values()), list(ref.values()), rtol=1e-6)
 

@@ -19,11 +19,10 @@ inside the image folder (no absolute paths, `..` or symlinks out of it) unless `
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import re
 from collections.abc import Sequence
 
+from ziya_jax.data.annotations import coco_candidates, field, karpathy_image, load_json, tsv_caption
 from ziya_jax.paths import inside
 
 
@@ -67,27 +66,9 @@ def _locate(data: str, names: Sequence[str]) -> str:
     raise FileNotFoundError(f"{data} holds none of {list(names)}")
 
 
-def load_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-
-def _field(record, key: str, where: str, kind: type | tuple[type, ...] = object):
-    """record[key], which must be there and be of `kind`."""
-    if not isinstance(record, dict) or key not in record:
-        raise ValueError(f"{where}: missing field {key!r}")
-    if not isinstance(record[key], kind):
-        want = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise ValueError(f"{where}: field {key!r} is {type(record[key]).__name__} {record[key]!r:.40}, want {want}")
-    return record[key]
-
-
 def _answers(record, where: str) -> list[str]:
     """The `answers` field of VQA and VizWiz: a list of {"answer": str, ...}."""
-    return [_field(a, "answer", where, str) for a in _field(record, "answers", where, list)]
+    return [field(a, "answer", where, str) for a in field(record, "answers", where, list)]
 
 
 def _image_dir(image_dir: str | None, annotation: str) -> str:
@@ -104,7 +85,7 @@ def _resolve(image_dir: str, candidates: Sequence[str], item_id: str, allow_any_
     return next((p for p in (os.path.join(image_dir, c) for c in candidates) if os.path.isfile(p)), None)
 
 
-def _check_images(items, image_dir: str, candidates, allow_any_image_path: bool = False) -> list:
+def check_images(items, image_dir: str, candidates, allow_any_image_path: bool = False) -> list:
     """Sets item.image to the first existing candidate path; all missing -> one error naming a few. A candidate
     leading out of image_dir is refused (unless allow_any_image_path) before it is looked up."""
     missing = []
@@ -126,16 +107,16 @@ def read_coco_captions(
 ) -> list[CaptionItem]:
     """COCO captions JSON ({images: [{id, file_name, ...}], annotations: [{image_id, caption}]}), e.g. NoCaps."""
     data = load_json(path)
-    images = {_field(img, "id", path, (int, str)): img for img in _field(data, "images", path, list)}
+    images = {field(img, "id", path, (int, str)): img for img in field(data, "images", path, list)}
     refs: dict = {}
-    for ann in _field(data, "annotations", path, list):
-        refs.setdefault(_field(ann, "image_id", path, (int, str)), []).append(_field(ann, "caption", path, str))
+    for ann in field(data, "annotations", path, list):
+        refs.setdefault(field(ann, "image_id", path, (int, str)), []).append(field(ann, "caption", path, str))
     items = []
     for image_id, img in images.items():
         meta = {k: img[k] for k in ("domain",) if k in img}
-        items.append(CaptionItem(str(image_id), _field(img, "file_name", path, str), refs.get(image_id, []), meta))
+        items.append(CaptionItem(str(image_id), field(img, "file_name", path, str), refs.get(image_id, []), meta))
     items = [it for it in items if it.references]
-    return _check_images(items, _image_dir(image_dir, path), lambda it: [it.image], allow_any_image_path)
+    return check_images(items, _image_dir(image_dir, path), lambda it: [it.image], allow_any_image_path)
 
 
 def read_nocaps(
@@ -150,38 +131,16 @@ def read_karpathy(
     """Karpathy's dataset_*.json: {images: [{filename, split, sentences: [{raw}], filepath?}]}."""
     path = _locate(data, ["dataset_flickr30k.json", "dataset_coco.json"])
     items = []
-    for img in _field(load_json(path), "images", path, list):
-        if _field(img, "split", path) != split:
+    for img in field(load_json(path), "images", path, list):
+        if field(img, "split", path) != split:
             continue
-        rel, refs = _karpathy_image(img, path)
+        rel, refs = karpathy_image(img, path)
         items.append(CaptionItem(str(img.get("imgid", os.path.basename(rel))), rel, refs))
     if not items:
         raise ValueError(f"{path} has no images in split {split!r}")
-    return _check_images(
+    return check_images(
         items, _image_dir(image_dir, path), lambda it: [it.image, os.path.basename(it.image)], allow_any_image_path
     )
-
-
-def _karpathy_image(img, where: str) -> tuple[str, list[str]]:
-    """One image of Karpathy's dataset_*.json -> (its path under the images folder, its raw sentences)."""
-    name = _field(img, "filename", where, str)
-    rel = os.path.join(_field(img, "filepath", where, str), name) if img.get("filepath") else name
-    return rel, [_field(s, "raw", where, str) for s in _field(img, "sentences", where, list)]
-
-
-def _tsv_caption(line: str, where: str) -> tuple[str, str]:
-    """An `IMAGE#k<TAB>caption` line -> (IMAGE without .jpg, the caption stripped, possibly empty)."""
-    key, tab, caption = line.rstrip("\n").partition("\t")
-    if not tab:
-        raise ValueError(f"{where}: expected IMAGE#k<TAB>caption, got {line.strip()[:60]!r}")
-    return re.sub(r"\.jpg$", "", key.split("#")[0]), caption.strip()
-
-
-def _coco_candidates(name: str) -> list[str]:
-    """Where a COCO image file lies under an images folder: there, or in the folder its name starts with
-    (COCO_val2014_*.jpg in val2014/)."""
-    subset = re.match(r"COCO_([^_]+)_", name)
-    return [name, os.path.join(subset.group(1), name)] if subset else [name]
 
 
 def read_tsv_captions(
@@ -193,7 +152,7 @@ def read_tsv_captions(
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            image, caption = _tsv_caption(line, f"{path}:{n}")
+            image, caption = tsv_caption(line, f"{path}:{n}")
             if not caption:
                 raise ValueError(f"{path}:{n}: expected IMAGE#k<TAB>caption, got {line.strip()[:60]!r}")
             if keep is None or image in keep:
@@ -202,8 +161,8 @@ def read_tsv_captions(
         raise ValueError(f"{path} has no captions" + (" for the split's images" if keep is not None else ""))
 
     items = [CaptionItem(k, k, v) for k, v in refs.items()]
-    return _check_images(
-        items, _image_dir(image_dir, path), lambda it: [*_coco_candidates(f"{it.id}.jpg"), it.id], allow_any_image_path
+    return check_images(
+        items, _image_dir(image_dir, path), lambda it: [*coco_candidates(f"{it.id}.jpg"), it.id], allow_any_image_path
     )
 
 
@@ -267,28 +226,28 @@ def read_vqa(
         os.path.dirname(q_path) if os.path.isfile(data) else data, [f"{prefix}mscoco_{split}_annotations.json"]
     )
     questions = {
-        _field(q, "question_id", q_path, (int, str)): _field(q, "question", q_path, str)
-        for q in _field(load_json(q_path), "questions", q_path, list)
+        field(q, "question_id", q_path, (int, str)): field(q, "question", q_path, str)
+        for q in field(load_json(q_path), "questions", q_path, list)
     }
     items = []
-    for ann in _field(load_json(a_path), "annotations", a_path, list):
-        qid = _field(ann, "question_id", a_path, (int, str))
+    for ann in field(load_json(a_path), "annotations", a_path, list):
+        qid = field(ann, "question_id", a_path, (int, str))
         if qid not in questions:
             raise ValueError(f"{a_path}: question {qid} is not in {q_path}")
         items.append(
             VQAItem(
                 str(qid),
-                str(_field(ann, "image_id", a_path, int)),
+                str(field(ann, "image_id", a_path, int)),
                 questions[qid],
                 _answers(ann, a_path),
                 {"answer_type": ann.get("answer_type", "")},
             )
         )
 
-    return _check_images(
+    return check_images(
         items,
         _image_dir(image_dir, q_path),
-        lambda it: _coco_candidates(f"COCO_{split}_{int(it.image):012d}.jpg"),
+        lambda it: coco_candidates(f"COCO_{split}_{int(it.image):012d}.jpg"),
         allow_any_image_path,
     )
 
@@ -303,13 +262,13 @@ def read_gqa(
     items = [
         VQAItem(
             str(qid),
-            _field(q, "imageId", path, str),
-            _field(q, "question", path, str),
-            [_field(q, "answer", path, str)],
+            field(q, "imageId", path, str),
+            field(q, "question", path, str),
+            [field(q, "answer", path, str)],
         )
         for qid, q in content.items()
     ]
-    return _check_images(
+    return check_images(
         items, _image_dir(image_dir, path), lambda it: [f"{it.image}.jpg", it.image], allow_any_image_path
     )
 
@@ -327,7 +286,7 @@ def read_scienceqa(
     if not isinstance(splits, dict) or split not in splits:
         raise FileNotFoundError(f"split {split!r} not found: need {splits_path} with that key")
     items = []
-    for pid in _field(splits, split, splits_path, list):
+    for pid in field(splits, split, splits_path, list):
         p = problems.get(str(pid))
         if p is None:
             raise ValueError(f"{splits_path}: problem {pid} is not in {path}")
@@ -336,22 +295,22 @@ def read_scienceqa(
             raise ValueError(f"{where} is {type(p).__name__}, want an object")
         if not p.get("image"):
             continue
-        choices = _field(p, "choices", where, list)
-        answer = _field(p, "answer", where, int)
+        choices = field(p, "choices", where, list)
+        answer = field(p, "answer", where, int)
         if not 0 <= answer < len(choices):
             raise ValueError(f"{where}: answer {answer} is not one of its {len(choices)} choices")
         items.append(
             ChoiceItem(
                 str(pid),
-                _field(p, "image", where, str),
-                _field(p, "question", where, str),
+                field(p, "image", where, str),
+                field(p, "question", where, str),
                 [str(c) for c in choices],
                 answer,
                 str(p.get("hint") or ""),
             )
         )
     root = image_dir or os.path.join(os.path.dirname(os.path.abspath(path)), "images")
-    return _check_images(items, root, lambda it: [os.path.join(split, it.id, it.image)], allow_any_image_path)
+    return check_images(items, root, lambda it: [os.path.join(split, it.id, it.image)], allow_any_image_path)
 
 
 def read_vizwiz(
@@ -364,9 +323,9 @@ def read_vizwiz(
     items = []
     for n, r in enumerate(records):
         where = f"{path}: [{n}]"
-        image = _field(r, "image", where, str)
+        image = field(r, "image", where, str)
         meta = {"answer_type": r.get("answer_type", ""), "answerable": r.get("answerable")}
-        items.append(VQAItem(image, image, _field(r, "question", where, str), _answers(r, where), meta))
-    return _check_images(
+        items.append(VQAItem(image, image, field(r, "question", where, str), _answers(r, where), meta))
+    return check_images(
         items, _image_dir(image_dir, path), lambda it: [it.image, os.path.join(split, it.image)], allow_any_image_path
     )

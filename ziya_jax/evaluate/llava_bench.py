@@ -38,7 +38,8 @@ import os
 import re
 from collections.abc import Sequence
 
-from ziya_jax.evaluate.datasets import _check_images, _field, load_json
+from ziya_jax.data.annotations import field, load_json
+from ziya_jax.evaluate.datasets import check_images
 
 CATEGORIES = ("conv", "detail", "complex")
 SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
@@ -110,7 +111,7 @@ def read_jsonl(path: str) -> list[dict]:
 def _by_id(rows: list[dict], path: str) -> dict:
     out = {}
     for row in rows:
-        qid = _field(row, "question_id", path, (int, str))
+        qid = field(row, "question_id", path, (int, str))
         if qid in out:
             raise ValueError(f"{path}: question_id {qid!r} appears twice")
         out[qid] = row
@@ -121,13 +122,13 @@ def _context(row: dict, layout: str, path: str) -> str:
     """The text the judge reads in place of the image, as LLaVA's review scripts build it; a caption given as one
     string is used as it is (joining it like a list would put a newline between its characters)."""
     if layout == "coco":
-        captions = "\n".join(str(c) for c in _field(row, "captions", path, list))
+        captions = "\n".join(str(c) for c in field(row, "captions", path, list))
         boxes = "\n".join(
-            f"{_field(i, 'category', path, str)}: {_field(i, 'bbox', path, list)}"
-            for i in _field(row, "instances", path, list)
+            f"{field(i, 'category', path, str)}: {field(i, 'bbox', path, list)}"
+            for i in field(row, "instances", path, list)
         )
         return f"{captions}\n\n{boxes}"
-    caption = _field(row, "caption", path, (str, list))
+    caption = field(row, "caption", path, (str, list))
     return caption if isinstance(caption, str) else "\n".join(str(c) for c in caption)
 
 
@@ -143,8 +144,8 @@ def _rules(path: str, keys: set[str]) -> dict:
     for key in sorted(keys):
         if key not in rules:
             raise ValueError(f"{path} has no rule {key!r} for the questions of that category")
-        _field(rules[key], "role", f"{path}: rule {key}", str)
-        _field(rules[key], "prompt", f"{path}: rule {key}", str)
+        field(rules[key], "role", f"{path}: rule {key}", str)
+        field(rules[key], "prompt", f"{path}: rule {key}", str)
     return rules
 
 
@@ -173,15 +174,15 @@ def read(
     references = _by_id(read_jsonl(paths["references"]), paths["references"])
     contexts = {}
     for row in read_jsonl(paths["contexts"]):
-        contexts[_field(row, "image", paths["contexts"], str)] = _context(row, layout, paths["contexts"])
+        contexts[field(row, "image", paths["contexts"], str)] = _context(row, layout, paths["contexts"])
     questions, seen = [], set()
     for row in read_jsonl(paths["questions"]):
         where = paths["questions"]
-        qid = _field(row, "question_id", where, (int, str))
+        qid = field(row, "question_id", where, (int, str))
         if qid in seen:
             raise ValueError(f"{where}: question_id {qid!r} appears twice")
         seen.add(qid)
-        image = _field(row, "image", where, str)
+        image = field(row, "image", where, str)
         if qid not in references:
             raise ValueError(f"{paths['references']} has no reference answer for question {qid!r}")
         if image not in contexts:
@@ -191,10 +192,10 @@ def read(
             Question(
                 qid,
                 image,
-                _field(row, "text", where, str),
-                _field(row, "category", where, str),
+                field(row, "text", where, str),
+                field(row, "category", where, str),
                 contexts[image],
-                _field(ref, "text", paths["references"], str),
+                field(ref, "text", paths["references"], str),
                 ref.get("answer_id", qid),
             )
         )
@@ -209,7 +210,7 @@ def read(
             return [q.image]
         return [q.image, f"COCO_val2014_{q.image}", os.path.join("val2014", f"COCO_val2014_{q.image}")]
 
-    _check_images(questions, folder, candidates, allow_any_image_path)
+    check_images(questions, folder, candidates, allow_any_image_path)
     return Bench(layout, questions, rule_set)
 
 
@@ -219,7 +220,7 @@ def read_answers(path: str, bench: Bench) -> list[str]:
     missing = [q.question_id for q in bench.questions if q.question_id not in answers]
     if missing:
         raise ValueError(f"{path} has no answer for {len(missing)} of the questions, e.g. {missing[:3]}")
-    return [_field(answers[q.question_id], "text", path, str) for q in bench.questions]
+    return [field(answers[q.question_id], "text", path, str) for q in bench.questions]
 
 
 def generate_answers(bench: Bench, generator, decode, image_size: int) -> list[str]:

@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 from ziya_jax.data import formats
-from ziya_jax.evaluate.datasets import load_json
+from ziya_jax.data.annotations import load_json
 
 CAPTION_FORMATS = ("coco", "karpathy", "aic")
 BOX_FORMATS = ("coco", "detector")

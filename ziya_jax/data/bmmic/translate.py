@@ -19,9 +19,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from ziya_jax.data.annotations import load_json
 from ziya_jax.data.bmmic.stages import Item
 from ziya_jax.data.manifest import read_manifest
-from ziya_jax.evaluate.datasets import load_json
 
 FORMATS = ("llava", "m3it", "vqav2", "gqa")
 M3IT_TEXTS = ("instruction", "inputs", "outputs")

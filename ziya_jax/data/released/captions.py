@@ -8,9 +8,9 @@ import json
 import os
 import tarfile
 
+from ziya_jax.data.annotations import coco_candidates, field, karpathy_image, load_json, tsv_caption
 from ziya_jax.data.released import common
 from ziya_jax.data.released.common import Skip
-from ziya_jax.evaluate.datasets import _coco_candidates, _field, _karpathy_image, _tsv_caption, load_json
 
 _IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # img2dataset's --encode_format choices, as member or column names
 
@@ -146,15 +146,15 @@ def read_karpathy(ctx):
     """Karpathy's dataset_coco.json / dataset_flickr30k.json: {images: [{filepath?, filename, split,
     sentences: [{raw}]}]}; one record per sentence."""
     for path in ctx.inputs:
-        images = _field(load_json(path), "images", path, list)
+        images = field(load_json(path), "images", path, list)
         for n, img in enumerate(common.progress(images, path)):
             where = f"{os.path.basename(path)}:images[{n}]"
             yield from common.guarded(where, _karpathy, ctx, img, where)
 
 
 def _karpathy(ctx, img, where: str):
-    split = _field(img, "split", where, str)
-    rel, sentences = _karpathy_image(img, where)
+    split = field(img, "split", where, str)
+    rel, sentences = karpathy_image(img, where)
     if split not in ("restval", *KARPATHY_SPLITS):
         yield Skip(common.UNKNOWN_SPLIT, where, split)
         return
@@ -194,12 +194,12 @@ def read_coco_cn(ctx):
 
 
 def _coco_cn(ctx, lists: dict, line: str, where: str):
-    image_id, text = _tsv_caption(line, where)
+    image_id, text = tsv_caption(line, where)
     if image_id not in lists[ctx.split]:
         known = any(image_id in ids for ids in lists.values())
         yield Skip(common.OTHER_SPLIT if known else common.UNKNOWN_SPLIT, where, image_id)
         return
-    image = ctx.image(_coco_candidates(f"{image_id}.jpg"), where)
+    image = ctx.image(coco_candidates(f"{image_id}.jpg"), where)
     yield image if isinstance(image, Skip) else common.caption(line.split("\t")[0], image, text, where, "zh")
 
 
@@ -216,8 +216,8 @@ def read_ai_challenger(ctx):
 
 
 def _ai_challenger(ctx, item, where: str):
-    name = _field(item, "image_id", where, str)
-    sentences = _field(item, "caption", where, list)
+    name = field(item, "image_id", where, str)
+    sentences = field(item, "caption", where, list)
     image = ctx.image([name], where)
     if isinstance(image, Skip):
         yield image

@@ -9,9 +9,9 @@ import json
 import os
 
 from ziya_jax.data import errors
+from ziya_jax.data.annotations import field, load_json
 from ziya_jax.data.released import common
 from ziya_jax.data.released.common import Skip
-from ziya_jax.evaluate.datasets import _field, load_json
 
 
 class _Line(str):
@@ -49,7 +49,7 @@ def _llava(ctx, item, where: str):
         return
     images = [ctx.image([p], where) for p in ([paths] if isinstance(paths, str) else paths)]
     skipped = next((i for i in images if isinstance(i, Skip)), None)
-    conversations = _field(item, "conversations", where, list)
+    conversations = field(item, "conversations", where, list)
     yield skipped or common.conversation(str(item.get("id", where)), images, conversations, where)
 
 
@@ -66,8 +66,8 @@ def read_m3it(ctx):
 
 def _m3it(ctx, folder: str, n: int, item, where: str):
     item = _parsed(item)
-    query = "\n".join(t.strip() for t in (_field(item, "instruction", where, str), item.get("inputs") or "") if t)
-    answer = _field(item, "outputs", where, str)
+    query = "\n".join(t.strip() for t in (field(item, "instruction", where, str), item.get("inputs") or "") if t)
+    answer = field(item, "outputs", where, str)
     if not query.strip() or not answer.strip():
         yield Skip(common.EMPTY_TEXT, where, "instruction and inputs" if not query.strip() else "outputs")
         return
@@ -107,9 +107,9 @@ def read_svit(ctx):
 
 def _svit(ctx, item, where: str):
     item = _parsed(item)
-    image_id = _field(item, "image_id", where, (int, str))
+    image_id = field(item, "image_id", where, (int, str))
     image = ctx.image([f"VG_100K/{image_id}.jpg", f"VG_100K_2/{image_id}.jpg", f"{image_id}.jpg"], where)
-    for k, conv in enumerate(_field(item, "conversations", where, list)):
+    for k, conv in enumerate(field(item, "conversations", where, list)):
         conv_where = f"{where}.conversations[{k}]"
         if isinstance(image, Skip):
             yield Skip(image.reason, conv_where, image.detail)
@@ -118,7 +118,7 @@ def _svit(ctx, item, where: str):
 
 
 def _svit_conversation(image: str, rec_id: str, conv: dict, where: str):
-    content = _field(conv, "content", where, list)
+    content = field(conv, "content", where, list)
     if any("<st>" in str(m.get("value")) for m in content):
         yield Skip(common.FOREIGN_BOXES, where, "<st>object<ed> [boxes] in SVIT's coordinates")
         return

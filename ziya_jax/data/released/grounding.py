@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 
+from ziya_jax.data.annotations import coco_candidates, field, load_json
 from ziya_jax.data.released import common
 from ziya_jax.data.released.common import Skip
-from ziya_jax.evaluate.datasets import _coco_candidates, _field, load_json
 
 REFCOCO_SPLITS = ("train", "val", "test", "testA", "testB")  # unc: train/val/testA/testB; umd: train/val/test
 
@@ -33,8 +33,8 @@ def read_refcoco(ctx):
     if not isinstance(refs, list):
         raise ValueError(f"{refs_path}: expected a list of refs, got {type(refs).__name__}")
     instances = load_json(instances_path)
-    images = _by_id(_field(instances, "images", instances_path, list))
-    anns = _by_id(_field(instances, "annotations", instances_path, list))
+    images = _by_id(field(instances, "images", instances_path, list))
+    anns = _by_id(field(instances, "annotations", instances_path, list))
     for n, ref in enumerate(common.progress(refs, refs_path)):
         where = f"{os.path.basename(refs_path)}[{n}]"
         yield from common.guarded(where, _refcoco, ctx, ref, images, anns, where)
@@ -45,21 +45,21 @@ def _by_id(items: list) -> dict:
 
 
 def _refcoco(ctx, ref, images: dict, anns: dict, where: str):
-    split = _field(ref, "split", where, str)
+    split = field(ref, "split", where, str)
     if split != ctx.split:
         yield Skip(common.OTHER_SPLIT if split in REFCOCO_SPLITS else common.UNKNOWN_SPLIT, where, split)
         return
-    ann, img = anns.get(_field(ref, "ann_id", where, int)), images.get(_field(ref, "image_id", where, int))
+    ann, img = anns.get(field(ref, "ann_id", where, int)), images.get(field(ref, "image_id", where, int))
     if ann is None or img is None:
         missing = f"annotation {ref['ann_id']}" if ann is None else f"image {ref['image_id']}"
         yield Skip(common.NO_JOIN_PARTNER, where, f"{missing} is not in instances.json")
         return
     box = common.normalized_box(ann.get("bbox"), img.get("width"), img.get("height"), where)
-    image = box if isinstance(box, Skip) else ctx.image(_coco_candidates(_field(img, "file_name", where, str)), where)
+    image = box if isinstance(box, Skip) else ctx.image(coco_candidates(field(img, "file_name", where, str)), where)
     if isinstance(image, Skip):
         yield image
         return
-    for k, sentence in enumerate(_field(ref, "sentences", where, list)):
+    for k, sentence in enumerate(field(ref, "sentences", where, list)):
         phrase = sentence.get("raw") or sentence.get("sent") or ""
         rec_id = f"{ref.get('ref_id', where)}#{k}"
         yield from common.grounded(rec_id, image, phrase, box, ctx.tasks, f"{where}.sentences[{k}]")

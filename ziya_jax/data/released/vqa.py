@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 import re
 
+from ziya_jax.data.annotations import coco_candidates, field, load_json
 from ziya_jax.data.released import common
 from ziya_jax.data.released.common import Skip
-from ziya_jax.evaluate.datasets import _coco_candidates, _field, load_json
 
 
 def read_vqa(ctx):
@@ -21,10 +21,10 @@ def read_vqa(ctx):
         content = load_json(path)
         if isinstance(content, dict) and "questions" in content:
             subset = content.get("data_subtype") or _subset_from_name(path)
-            for n, q in enumerate(_field(content, "questions", path, list)):
+            for n, q in enumerate(field(content, "questions", path, list)):
                 questions[q.get("question_id") if isinstance(q, dict) else None] = (subset, q, f"{path}[{n}]")
         elif isinstance(content, dict) and "annotations" in content:
-            annotations.append((path, _field(content, "annotations", path, list)))
+            annotations.append((path, field(content, "annotations", path, list)))
         else:
             raise ValueError(f"{path} is neither a VQA questions file ({{questions}}) nor an annotations file")
     if not questions or not annotations:
@@ -56,10 +56,10 @@ def _vqa(ctx, ann, question, where: str):
     subset, q, _ = question
     answer = ann.get("multiple_choice_answer")
     if answer is None:
-        answer = common.most_common([_field(a, "answer", where, str) for a in _field(ann, "answers", where, list)])
-    image_id = _field(q, "image_id", where, int)
-    image = ctx.image(_coco_candidates(f"COCO_{subset}_{image_id:012d}.jpg"), where)
-    question_id = _field(q, "question_id", where, (int, str))
+        answer = common.most_common([field(a, "answer", where, str) for a in field(ann, "answers", where, list)])
+    image_id = field(q, "image_id", where, int)
+    image = ctx.image(coco_candidates(f"COCO_{subset}_{image_id:012d}.jpg"), where)
+    question_id = field(q, "question_id", where, (int, str))
     yield image if isinstance(image, Skip) else common.vqa(str(question_id), image, q.get("question"), answer, where)
 
 
@@ -87,7 +87,7 @@ def _json_files(inputs) -> list[str]:
 
 
 def _gqa(ctx, qid: str, q, where: str):
-    image = ctx.image([f"{_field(q, 'imageId', where, str)}.jpg"], where)
+    image = ctx.image([f"{field(q, 'imageId', where, str)}.jpg"], where)
     yield image if isinstance(image, Skip) else common.vqa(qid, image, q.get("question"), q.get("answer"), where)
 
 
@@ -95,14 +95,14 @@ def read_textvqa(ctx):
     """TextVQA_0.5.1_{train,val}.json: {data: [{question_id, question, image_id, answers: [10 strings], set_name}]};
     images in train_images/ (train and val) and test_images/; the answer is the one given most often."""
     for path in ctx.inputs:
-        data = _field(load_json(path), "data", path, list)
+        data = field(load_json(path), "data", path, list)
         for n, item in enumerate(common.progress(data, path)):
             where = f"{os.path.basename(path)}:data[{n}]"
             yield from common.guarded(where, _textvqa, ctx, item, where)
 
 
 def _textvqa(ctx, item, where: str):
-    image_id = _field(item, "image_id", where, str)
+    image_id = field(item, "image_id", where, str)
     folder = "test_images" if item.get("set_name") == "test" else "train_images"
     image = ctx.image([f"{image_id}.jpg", f"{folder}/{image_id}.jpg"], where)
     answers = [common.clean(a) for a in item.get("answers") or []]
@@ -127,14 +127,14 @@ def read_ocr_vqa(ctx):
 
 
 def _ocr_vqa(ctx, key: str, item, where: str):
-    split = OCR_VQA_SPLITS.get(_field(item, "split", where, int))
+    split = OCR_VQA_SPLITS.get(field(item, "split", where, int))
     if split != ctx.split:
         yield Skip(common.OTHER_SPLIT if split else common.UNKNOWN_SPLIT, where, f"split {item['split']}")
         return
-    questions, answers = _field(item, "questions", where, list), _field(item, "answers", where, list)
+    questions, answers = field(item, "questions", where, list), field(item, "answers", where, list)
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions, {len(answers)} answers")
-    name = key + (os.path.splitext(_field(item, "imageURL", where, str))[1] or ".jpg")
+    name = key + (os.path.splitext(field(item, "imageURL", where, str))[1] or ".jpg")
     image = ctx.image([name, f"images/{name}"], where)
     if isinstance(image, Skip):
         yield image
