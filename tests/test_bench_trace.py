@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ziya_jax.bench.trace import device_time, trace_events
+from ziya_jax.bench.trace import device_time, hlo_ops, trace_events
 
 
 def test_a_real_cpu_trace_has_the_step_ops(tmp_path):
@@ -56,3 +56,27 @@ def test_device_timelines_are_summed_per_step_and_ops_ranked():
         ("dot", 0.5),
         ("fusion", 0.5),
     ]
+
+
+def test_compiled_ops_are_indexed_with_their_loop_and_rank(tmp_path):
+    """A loop body's product is found by the name its trace event carries, inside the loop, with a matrix result;
+    the product before the loop is outside it."""
+
+    def program(x, w):
+        x = x @ w
+
+        def body(i, x):
+            return jnp.tanh(x @ w)
+
+        return jax.lax.fori_loop(0, 3, body, x)
+
+    x, w = jnp.ones((8, 64)), jnp.ones((64, 64)) * 0.01
+    step = jax.jit(program)
+    step(x, w).block_until_ready()
+    ops = hlo_ops(step.lower(x, w).compile().as_text())
+    events = trace_events(lambda: step(x, w).block_until_ready(), str(tmp_path))
+    traced = {e["args"]["hlo_op"] for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})}
+    found = [ops[name] for name in traced & ops.keys()]
+    products = [op for op in found if "dot" in op["opcodes"] and "while" not in op["opcodes"]]  # (a loop: its body's)
+    assert {op["in_loop"] for op in products} == {False, True}  # XLA may peel an iteration out
+    assert all(op["rank"] == 2 for op in products)

@@ -43,7 +43,10 @@ def test_data_builds_tokenizers_a_synthetic_set_and_a_manifest_set(tmp_path):
     assert "llava_manifest/mine" in out and "train 3" in out
 
 
-def test_bench_decode_small_prints_its_ratio_against_transformers():
-    out = run("ziya_jax.bench", "decode", "--small", "--new-tokens", "4", "--repeats", "1")
+def test_bench_decode_small_prints_its_ratios_and_where_a_step_goes(tmp_path):
+    out = run("ziya_jax.bench", "decode", "--small", "--new-tokens", "4", "--repeats", "2", "--profile", str(tmp_path))
     result = json.loads(out.strip().splitlines()[-1])
-    assert result and "ratio" in out
+    assert [r["row"] for r in result["rows"]] == ["greedy b1", "greedy b8", "beam4 b1"]
+    assert all(r["ratio_min"] <= r["ratio"] <= r["ratio_max"] for r in result["rows"])
+    for row in result["profile"].values():  # the loop's ops were found in the compiled program and sorted
+        assert row["ms"]["weight products"] > 0 and sum(row["ms"].values()) >= row["step_ms"] * 0.99

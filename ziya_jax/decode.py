@@ -351,6 +351,34 @@ def generate(
     length hold pad_token_id. Prompts may be padded on either side (attention_mask marks valid tokens).
     on_token(id), for one prompt without beam search, is called with each token as the loop produces it.
     params: stacked as trained, or from decode_params (faster on CPU)."""
+    args = _search_args(cfg, input_ids, attention_mask, pixel_values, qformer_ids, qformer_mask, dc, rng)
+    if on_token is not None and (dc.num_beams > 1 or args["input_ids"].shape[0] != 1):
+        raise ValueError("streaming (on_token) needs one prompt and num_beams=1")
+    _STREAM["on_token"] = on_token
+    try:
+        tokens, lengths = _search(params, **args, stream=on_token is not None)
+        return np.asarray(tokens), np.asarray(lengths)
+    finally:
+        _STREAM["on_token"] = None
+
+
+def compiled_search(
+    params,
+    cfg: ModelConfig,
+    input_ids,
+    attention_mask=None,
+    pixel_values=None,
+    qformer_ids=None,
+    qformer_mask=None,
+    dc: DecodeConfig = DecodeConfig(),
+):
+    """The compiled program generate runs for these inputs (its as_text() names the ops a profiler trace shows)."""
+    args = _search_args(cfg, input_ids, attention_mask, pixel_values, qformer_ids, qformer_mask, dc, None)
+    return _search.lower(params, **args).compile()
+
+
+def _search_args(cfg, input_ids, attention_mask, pixel_values, qformer_ids, qformer_mask, dc, rng) -> dict:
+    """generate's inputs checked and left-padded, as _search takes them."""
     input_ids = np.asarray(input_ids)
     attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
     ids, mask = left_pad(input_ids, attention_mask, dc.pad_token_id)
@@ -361,23 +389,13 @@ def generate(
             f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({dc.max_new_tokens}) exceeds the "
             f"model's context of {cfg.llm.max_position_embeddings}"
         )
-    if on_token is not None and (dc.num_beams > 1 or ids.shape[0] != 1):
-        raise ValueError("streaming (on_token) needs one prompt and num_beams=1")
-    rng = jax.random.key(0) if rng is None else rng
-    _STREAM["on_token"] = on_token
-    try:
-        tokens, lengths = _search(
-            params,
-            jnp.asarray(ids),
-            jnp.asarray(mask),
-            pixel_values,
-            qformer_ids,
-            qformer_mask,
-            rng,
-            cfg=cfg,
-            dc=dc,
-            stream=on_token is not None,
-        )
-        return np.asarray(tokens), np.asarray(lengths)
-    finally:
-        _STREAM["on_token"] = None
+    return dict(
+        input_ids=jnp.asarray(ids),
+        mask=jnp.asarray(mask),
+        pixel_values=pixel_values,
+        qformer_ids=qformer_ids,
+        qformer_mask=qformer_mask,
+        rng=jax.random.key(0) if rng is None else rng,
+        cfg=cfg,
+        dc=dc,
+    )

@@ -12,7 +12,9 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="name", required=True)
     decode = sub.add_parser("decode", help="ziya_jax decoding vs transformers generate, same weights")
     decode.add_argument("--new-tokens", type=int, default=64)
-    decode.add_argument("--repeats", type=int, default=2, help="timed runs per row (best is reported)")
+    decode.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per row, interleaved with transformers' (median reported)"
+    )
     decode.add_argument("--small", action="store_true", help="a tiny model, to check the benchmark itself quickly")
     decode.add_argument(
         "--profile",

@@ -38,6 +38,7 @@ import asyncio
 import base64
 import io
 import json
+import math
 import os
 import queue
 import signal
@@ -380,12 +381,45 @@ def measure(name: str, cmd: list[str], port: int, log_path: str, stream: bool, a
         _stop(proc)
 
 
+def floor_costs(ckpt: str) -> dict:
+    """What every round costs ziya_jax's server at least, measured in this process before any server starts: the
+    image encoder's (ViT, Q-Former, projection) seconds per image at its best batch of 4, 8 or SLOTS (best of 3
+    each; every request carries one image), and a decoding step's seconds at the memory-bandwidth bound (each step
+    reads the LLM's weights once, whatever rows it advances)."""
+    import jax
+    import jax.numpy as jnp
+
+    from ziya_jax.bench.decode import measure_bandwidth, step_bytes
+    from ziya_jax.checkpoint import load_model
+    from ziya_jax.serve.engine import _encode_image
+
+    params, cfg = load_model(ckpt)
+    size, per_image = cfg.vision.image_size, []
+    for batch in (4, 8, SLOTS):
+        pixels = jnp.asarray(np.random.default_rng(0).normal(size=(batch, 1, size, size, 3)).astype(np.float32))
+        encode = lambda: jax.block_until_ready(_encode_image(params, pixels, None, None, cfg=cfg))  # noqa: E731
+        encode()
+        runs = []
+        for _ in range(3):
+            started = time.perf_counter()
+            encode()
+            runs.append(time.perf_counter() - started)
+        per_image.append(min(runs) / batch)
+    return dict(image_s=min(per_image), step_s=step_bytes(cfg) / measure_bandwidth())
+
+
 def run(args) -> dict:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a SIGTERM unwinds too, so the servers get stopped
     started = time.perf_counter()
     asks = prompts()
     with tempfile.TemporaryDirectory(prefix="ziya_bench_serve_") as tmp:
         hf_dir, ckpt = build(args.small, tmp)
+        floor = floor_costs(ckpt)
+        print(
+            f"ziya_jax image encoder: {floor['image_s'] * 1e3:.0f} ms per image; a decoding step at the bandwidth "
+            f"bound: {floor['step_s'] * 1e3:.1f} ms",
+            flush=True,
+        )
         port = _free_port()
         ziya_cmd = [sys.executable, "-m", "ziya_jax.serve", "--checkpoint", ckpt, "--port", str(port)]
         ziya_cmd += ["--no-page", "--slots", str(SLOTS), "--served-model-name", MODEL_NAME]
@@ -395,10 +429,10 @@ def run(args) -> dict:
         base_cmd = [sys.executable, "-m", "ziya_jax.bench.serve", "--baseline-server", "--hf", hf_dir]
         base_cmd += ["--checkpoint", ckpt, "--port", str(port)]
         base = measure("transformers", base_cmd, port, os.path.join(tmp, "baseline.log"), False, args, asks)
-    return report(ziya, base, args, time.perf_counter() - started)
+    return report(ziya, base, args, time.perf_counter() - started, floor)
 
 
-def report(ziya: dict, base: dict, args, runtime: float) -> dict:
+def report(ziya: dict, base: dict, args, runtime: float, floor: dict) -> dict:
     fmt = lambda x, scale=1e3: "n/a" if x is None else f"{x * scale:.0f}"  # noqa: E731
     print(
         f"{'server':<14}{'clients':>8}{'requests':>9}{'tok/s':>9}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}"
@@ -414,6 +448,9 @@ def report(ziya: dict, base: dict, args, runtime: float) -> dict:
     top, one = CLIENTS[-1], CLIENTS[0]
     vs_baseline = ziya[top]["tok_s"] / base[top]["tok_s"]
     scaling = ziya[top]["tok_s"] / ziya[one]["tok_s"]
+    requests = top * args.requests  # the ceiling: the baseline's round over ziya_jax's least possible one
+    steps = math.ceil(requests * args.new_tokens / SLOTS)
+    ceiling = base[top]["wall_s"] / (requests * floor["image_s"] + steps * floor["step_s"])
     full = all(r["completion_tokens"] == [args.new_tokens] for rows in (ziya, base) for r in rows.values())
     same = {  # per client count: prompts whose greedy answers are equal on both servers / prompts compared
         c: (sum(text == base[c]["answers"].get(k) for k, text in ziya[c]["answers"].items()), len(ziya[c]["answers"]))
@@ -421,7 +458,9 @@ def report(ziya: dict, base: dict, args, runtime: float) -> dict:
     }
     print(
         f"ziya_jax {top} clients / transformers {top} clients: {vs_baseline:.2f}x throughput (target >= 3); "
-        f"ziya_jax {top} clients / {one} client: {scaling:.2f}x (target >= 2.5)"
+        f"ziya_jax {top} clients / {one} client: {scaling:.2f}x (target >= 2.5); ceiling {ceiling:.2f}x: the "
+        f"baseline's {top}-client round over {requests} image encodings and {requests * args.new_tokens} tokens "
+        f"in steps of {SLOTS} rows at the bandwidth bound"
     )
     print(
         f"every answer {args.new_tokens} tokens: {full}; prompts answered the same by both servers (by clients): "
@@ -442,6 +481,9 @@ def report(ziya: dict, base: dict, args, runtime: float) -> dict:
         transformers=strip(base),
         ratio_vs_baseline=vs_baseline,
         ratio_scaling=scaling,
+        ceiling_ratio=ceiling,
+        image_encoder_s_per_image=floor["image_s"],
+        bound_step_s=floor["step_s"],
         all_answers_full_length=full,
         answers_equal={c: e for c, (e, _) in same.items()},
         answers_compared={c: n for c, (_, n) in same.items()},

@@ -86,3 +86,51 @@ def print_device_time(summary: dict, step_s: float) -> None:
     print("  by op kind, all timelines (a loop's time holds its body's):")
     for op in summary["kinds"]:
         print(f"  {op['s'] * 1e3:8.3f} ms {op['calls']:6.1f} calls  {op['kind'][:90]}")
+
+
+def hlo_ops(hlo_text: str) -> dict[str, dict]:
+    """The instructions of a compiled module's text (`jitted.lower(...).compile().as_text()`), by name, the names a
+    trace's op events carry: {name: {"opcodes": its opcode and those of every computation it calls, "op_name": the
+    JAX path in its metadata (XLA drops it from some), "rank": its result's rank, "in_loop": whether it runs inside
+    a while loop's body}}."""
+    computations, instructions, current = {}, {}, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if header and " = " not in line:
+            current = computations.setdefault(header.group(1), [])
+            continue
+        inst = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$", line)
+        if not inst or current is None:
+            continue
+        rest = inst.group(2)
+        opcode = re.search(r"(?:^|\s)([a-z][a-z0-9\-]*)\(", rest)
+        op_name = re.search(r'op_name="([^"]*)"', rest)
+        shape = re.match(r"[a-z0-9]+\[([\d,]*)\]", rest)
+        instructions[inst.group(1)] = {
+            "opcode": opcode.group(1) if opcode else "",
+            "rank": len(shape.group(1).split(",")) if shape and shape.group(1) else 0,
+            "op_name": op_name.group(1) if op_name else "",
+            "calls": re.findall(r"(?:calls|body|condition|to_apply)=%?([\w.\-]+)", rest),
+            "body": re.findall(r"body=%?([\w.\-]+)", rest),
+        }
+        current.append(inst.group(1))
+
+    def opcodes(name: str, seen=()) -> set[str]:
+        found = {instructions[name]["opcode"]}
+        for called in instructions[name]["calls"]:
+            for member in computations.get(called, ()):
+                if member not in seen:
+                    found |= opcodes(member, (*seen, member))
+        return found
+
+    in_loop = set()
+    bodies = [b for inst in instructions.values() for b in inst["body"]]
+    while bodies:
+        for member in computations.get(bodies.pop(), ()):
+            if member not in in_loop:
+                in_loop.add(member)
+                bodies += instructions[member]["body"]
+    return {
+        name: {"opcodes": opcodes(name), "op_name": inst["op_name"], "rank": inst["rank"], "in_loop": name in in_loop}
+        for name, inst in instructions.items()
+    }
