@@ -95,11 +95,11 @@ def server(tiny_chat, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def slow_server(tiny_chat, tmp_path_factory):
-    """One slot, a queue of one, and an 8192-token context: a long request runs for seconds, long enough to be
-    interrupted."""
+    """One slot, a queue of one, and a 65536-token context: a long request runs for minutes (each step attends over
+    the whole context), far longer than a test needs it to hold its slot on a busy machine."""
     folder = tmp_path_factory.mktemp("long")
-    checkpoint = save_variant(tiny_chat, folder, context=8192)
-    flags = ("--api-key-file", str(folder / "key"), "--slots", "1", "--queue", "1", "--max-tokens", "8000")
+    checkpoint = save_variant(tiny_chat, folder, context=65536)
+    flags = ("--api-key-file", str(folder / "key"), "--slots", "1", "--queue", "1", "--max-tokens", "65000")
     with APIServer(checkpoint, *flags, "--no-page") as s:
         yield s
 
@@ -259,7 +259,7 @@ def test_models_health_and_metrics(server):
     assert metrics["ziya_time_per_output_token_seconds_count"] > 0
 
 
-def long_request(server, tokens=8000):
+def long_request(server, tokens=65000):
     return {
         "model": "ckpt",
         "messages": [{"role": "user", "content": QUESTIONS[0]}],

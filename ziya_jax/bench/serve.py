@@ -28,7 +28,9 @@ and a question, temperature 0, max_tokens=--new-tokens); a 4-client round first 
 ziya_jax streams: time to first token is the first content chunk, per-token latency the gaps between content
 chunks. Throughput is completion tokens / wall time of the round; "others CPU" is the share of the machine's CPU
 time that other processes took during the round (on a shared machine they skew it). The last line printed is one
-JSON object. On 2 CPU cores the default run takes about 4 minutes, --small about 1.
+JSON object. Before the servers start, floor_costs measures what bounds the ratio ("ceiling"): ziya_jax's least
+possible 16-client round, its image encodings at the encoder's best batch and its decoding steps at the memory-
+bandwidth bound. On 2 CPU cores the default run takes about 6 minutes, --small about 1.
 """
 
 from __future__ import annotations

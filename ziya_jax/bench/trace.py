@@ -3,7 +3,8 @@
 Reads the Perfetto JSON that `jax.profiler.trace(create_perfetto_trace=True)` writes. An accelerator's timelines
 are the processes named /device:... (one thread per GPU stream or TPU core line); XLA on a CPU traces its ops as
 events with an `hlo_op` argument on the host threads that ran them. A timeline's busy time per step against the
-step's wall time tells kernel-bound from launch-bound.
+step's wall time tells kernel-bound from launch-bound. hlo_ops reads the compiled program's text, so that an event's
+op name tells what the op is (a product, a cache write) and whether it runs in the decoding loop.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def hlo_ops(hlo_text: str) -> dict[str, dict]:
     """The instructions of a compiled module's text (`jitted.lower(...).compile().as_text()`), by name, the names a
     trace's op events carry: {name: {"opcodes": its opcode and those of every computation it calls, "op_name": the
     JAX path in its metadata (XLA drops it from some), "rank": its result's rank, "in_loop": whether it runs inside
-    a while loop's body}}."""
+    a while loop's body}}. Parsed from the text by hand: jax exposes no structured HLO of a compiled CPU program."""
     computations, instructions, current = {}, {}, None
     for line in hlo_text.splitlines():
         header = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
