@@ -351,7 +351,7 @@ def generate(
     length hold pad_token_id. Prompts may be padded on either side (attention_mask marks valid tokens).
     on_token(id), for one prompt without beam search, is called with each token as the loop produces it.
     params: stacked as trained, or from decode_params (faster on CPU)."""
-    args = _search_args(cfg, input_ids, attention_mask, pixel_values, qformer_ids, qformer_mask, dc, rng)
+    args = _search_args(cfg, input_ids, attention_mask, pixel_values, qformer_ids, qformer_mask, dc=dc, rng=rng)
     if on_token is not None and (dc.num_beams > 1 or args["input_ids"].shape[0] != 1):
         raise ValueError("streaming (on_token) needs one prompt and num_beams=1")
     _STREAM["on_token"] = on_token
@@ -362,22 +362,17 @@ def generate(
         _STREAM["on_token"] = None
 
 
-def compiled_search(
-    params,
-    cfg: ModelConfig,
-    input_ids,
-    attention_mask=None,
-    pixel_values=None,
-    qformer_ids=None,
-    qformer_mask=None,
-    dc: DecodeConfig = DecodeConfig(),
-):
-    """The compiled program generate runs for these inputs (its as_text() names the ops a profiler trace shows)."""
-    args = _search_args(cfg, input_ids, attention_mask, pixel_values, qformer_ids, qformer_mask, dc, None)
+def compiled_search(params, cfg: ModelConfig, *inputs, dc: DecodeConfig = DecodeConfig()):
+    """The compiled program generate(params, cfg, *inputs, dc=dc) runs (inputs: input_ids, and optionally
+    attention_mask, pixel_values, qformer_ids, qformer_mask as generate takes them); its as_text() names the ops a
+    profiler trace shows."""
+    args = _search_args(cfg, *inputs, dc=dc)
     return _search.lower(params, **args).compile()
 
 
-def _search_args(cfg, input_ids, attention_mask, pixel_values, qformer_ids, qformer_mask, dc, rng) -> dict:
+def _search_args(
+    cfg, input_ids, attention_mask=None, pixel_values=None, qformer_ids=None, qformer_mask=None, *, dc, rng=None
+) -> dict:
     """generate's inputs checked and left-padded, as _search takes them."""
     input_ids = np.asarray(input_ids)
     attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)

@@ -88,9 +88,7 @@ def measure_bandwidth(n_bytes: int = 1 << 30) -> float:
     w = jnp.ones((8192, n_bytes // 4 // 8192), jnp.float32)
     x = jnp.ones((1, 8192), jnp.float32)
     gemv = jax.jit(lambda a, b: a @ b)
-    gemv(x, w).block_until_ready()
-    best = min(_timed(lambda: gemv(x, w).block_until_ready()) for _ in range(5))
-    return n_bytes / best
+    return n_bytes / best_of(lambda: gemv(x, w).block_until_ready(), 5)
 
 
 def step_bytes(cfg) -> int:
@@ -101,7 +99,7 @@ def step_bytes(cfg) -> int:
     return read * np.dtype(cfg.param_dtype).itemsize
 
 
-def _best(fn, repeats: int) -> float:
+def best_of(fn, repeats: int) -> float:
     """Best of `repeats` timed calls, after one untimed call (compilation, warm-up)."""
     fn()
     return min(_timed(fn) for _ in range(repeats))
@@ -310,7 +308,7 @@ def int8_rows(params, cfg, n: int, args) -> list[dict]:
                 pixels,
                 dc=DecodeConfig(max_new_tokens=k, min_new_tokens=k, eos_token_id=2),
             )
-            full, prefill = _best(lambda: run(n), args.repeats), _best(lambda: run(1), args.repeats)
+            full, prefill = best_of(lambda: run(n), args.repeats), best_of(lambda: run(1), args.repeats)
             row.update(
                 {
                     f"{name}_tok_s": batch * n / full,

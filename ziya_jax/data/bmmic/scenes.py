@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 from ziya_jax.data import formats
-from ziya_jax.data.annotations import load_json
+from ziya_jax.data.annotations import field, load_json
 
 CAPTION_FORMATS = ("coco", "karpathy", "aic")
 BOX_FORMATS = ("coco", "detector")
@@ -57,14 +57,8 @@ class Scene:
         ]
 
 
-def _need(record, key: str, where: str):
-    if not isinstance(record, dict) or key not in record:
-        raise ValueError(f"{where}: missing field {key!r}")
-    return record[key]
-
-
 def _coco_images(data: dict, path: str) -> dict:
-    return {_need(img, "id", path): img for img in _need(data, "images", path)}
+    return {field(img, "id", path): img for img in field(data, "images", path)}
 
 
 def read_captions(path: str, fmt: str) -> dict[str, Scene]:
@@ -73,24 +67,24 @@ def read_captions(path: str, fmt: str) -> dict[str, Scene]:
     scenes: dict[str, Scene] = {}
     if fmt == "coco":
         images = _coco_images(data, path)
-        for ann in _need(data, "annotations", path):
-            img = images.get(_need(ann, "image_id", path))
+        for ann in field(data, "annotations", path):
+            img = images.get(field(ann, "image_id", path))
             if img is None:
                 raise ValueError(f"{path}: caption of unknown image {ann['image_id']}")
             scene = scenes.setdefault(img["file_name"], Scene(img["file_name"], img.get("width"), img.get("height")))
-            scene.captions.append(_need(ann, "caption", path).strip())
+            scene.captions.append(field(ann, "caption", path).strip())
     elif fmt == "karpathy":
-        for img in _need(data, "images", path):
-            name = _need(img, "filename", path)
+        for img in field(data, "images", path):
+            name = field(img, "filename", path)
             rel = os.path.join(img["filepath"], name) if img.get("filepath") else name
             scene = scenes.setdefault(rel, Scene(rel))
-            scene.captions += [_need(s, "raw", path).strip() for s in _need(img, "sentences", path)]
+            scene.captions += [field(s, "raw", path).strip() for s in field(img, "sentences", path)]
     elif fmt == "aic":
         if not isinstance(data, list):
             raise ValueError(f"{path}: an AI Challenger caption file is a list of {{image_id, caption}}")
         for item in data:
-            name = _need(item, "image_id", path)
-            captions = _need(item, "caption", path)
+            name = field(item, "image_id", path)
+            captions = field(item, "caption", path)
             scene = scenes.setdefault(name, Scene(name))
             scene.captions += [c.strip() for c in ([captions] if isinstance(captions, str) else captions)]
     else:
@@ -105,15 +99,15 @@ def read_boxes(path: str, fmt: str, min_score: float = 0.0) -> dict[str, Scene]:
     if fmt == "coco":
         data = load_json(path)
         images = _coco_images(data, path)
-        names = {_need(c, "id", path): _need(c, "name", path) for c in _need(data, "categories", path)}
+        names = {field(c, "id", path): field(c, "name", path) for c in field(data, "categories", path)}
         for img in images.values():  # an image with no boxes is still a scene (its captions may have objects)
             scenes[img["file_name"]] = Scene(img["file_name"], img.get("width"), img.get("height"))
-        for ann in _need(data, "annotations", path):
-            img = images.get(_need(ann, "image_id", path))
+        for ann in field(data, "annotations", path):
+            img = images.get(field(ann, "image_id", path))
             if img is None:
                 raise ValueError(f"{path}: box of unknown image {ann['image_id']}")
-            x, y, w, h = _need(ann, "bbox", path)
-            scenes[img["file_name"]].boxes.append(Box(names[_need(ann, "category_id", path)], (x, y, x + w, y + h)))
+            x, y, w, h = field(ann, "bbox", path)
+            scenes[img["file_name"]].boxes.append(Box(names[field(ann, "category_id", path)], (x, y, x + w, y + h)))
     elif fmt == "detector":
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -127,12 +121,12 @@ def read_boxes(path: str, fmt: str, min_score: float = 0.0) -> dict[str, Scene]:
                 score = item.get("score")
                 if score is not None and score < min_score:
                     continue
-                name = _need(item, "image", where)
+                name = field(item, "image", where)
                 scene = scenes.setdefault(name, Scene(name, item.get("width"), item.get("height")))
-                box = _need(item, "box", where)
+                box = field(item, "box", where)
                 if len(box) != 4:
                     raise ValueError(f"{where}: box {box} is not [x1, y1, x2, y2]")
-                scene.boxes.append(Box(_need(item, "label", where), tuple(box), score))
+                scene.boxes.append(Box(field(item, "label", where), tuple(box), score))
     else:
         raise ValueError(f"box format {fmt!r}; known: {list(BOX_FORMATS)}")
     return scenes
