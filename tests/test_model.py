@@ -82,14 +82,15 @@ def test_matmul_gradients_equal_autodiff():
 
 @pytest.mark.parametrize("unrolled", [False, True])
 def test_kv_cache_decode_equals_full_forward(unrolled):
-    """Prefill + cached steps equal the full (scanned) forward; unrolled: on decode_params' per-layer weights,
-    LoRA included (stage-3 config, every LoRA B non-zero)."""
+    """Prefill + cached steps equal the full (scanned) forward; unrolled: on decode_params' per-layer weights of
+    the ViT, the Q-Former and the LLM, LoRA included (stage-3 config and a Q-Former target, every LoRA B
+    non-zero)."""
     cfg = tiny()
+    qformer_target = r"qformer/layer/layer_0/crossattention/attention/(query|value)"
+    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, targets=(*cfg.lora.targets, qformer_target)))
     params = perturbed_params(cfg)
     model = ZiyaVisual(cfg)
-    decoder, decoder_params = (
-        (ZiyaVisual(cfg, unrolled_llm=True), decode_params(params)) if unrolled else (model, params)
-    )
+    decoder, decoder_params = (ZiyaVisual(cfg, unrolled=True), decode_params(params)) if unrolled else (model, params)
     ids, _, pixels, qids, qmask = inputs(cfg, text=8)
     # Left-pad row 0 by two tokens: positions count valid tokens only, so its logits must not change.
     ids = ids.at[0].set(jnp.concatenate([jnp.zeros(2, ids.dtype), ids[0, :-2]]))
@@ -102,7 +103,9 @@ def test_kv_cache_decode_equals_full_forward(unrolled):
         positions = jax.lax.dynamic_slice_in_dim(default_positions(mask), index, ids.shape[1], axis=1)
         return decoder.apply({"params": p}, embeds, positions, mask, cache, index, method=ZiyaVisual.language)
 
-    feats = model.apply({"params": params}, pixels, qids, qmask, method=ZiyaVisual.encode_images)
+    feats = decoder.apply({"params": decoder_params}, pixels, qids, qmask, method=ZiyaVisual.encode_images)
+    stacked_feats = model.apply({"params": params}, pixels, qids, qmask, method=ZiyaVisual.encode_images)
+    np.testing.assert_allclose(np.asarray(feats), np.asarray(stacked_feats), atol=1e-5)
     total = ids.shape[1]
     prompt = total - 3
     cache = init_cache(cfg.llm, ids.shape[0], total, unrolled=unrolled)

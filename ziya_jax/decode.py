@@ -21,7 +21,8 @@ import numpy as np
 
 from ziya_jax.config import ModelConfig
 from ziya_jax.model import ZiyaVisual, default_positions
-from ziya_jax.model.llama import init_cache, unroll_layers
+from ziya_jax.model.layers import unroll_layers
+from ziya_jax.model.llama import init_cache
 
 NEG = -1.0e9
 # Where tokens go while a streaming generate() runs (XLA calls back from its own thread, so a plain global;
@@ -138,7 +139,7 @@ def _prefill(model, params, input_ids, mask, pixel_values, qformer_ids, qformer_
         )
     embeds = model.apply({"params": params}, input_ids, features, method=ZiyaVisual.embed_inputs)
     b, t = input_ids.shape
-    cache = init_cache(model.cfg.llm, b, total, embeds.dtype, unrolled=model.unrolled_llm)
+    cache = init_cache(model.cfg.llm, b, total, embeds.dtype, unrolled=model.unrolled)
     key_mask = jnp.zeros((b, total), jnp.int32).at[:, :t].set(mask)
     positions = default_positions(mask)
     logits, cache = model.apply(
@@ -175,7 +176,7 @@ def _search(
     dc: DecodeConfig,
     stream: bool = False,
 ):
-    model = ZiyaVisual(cfg, unrolled_llm="layers" not in params["language_model"])
+    model = ZiyaVisual(cfg, unrolled=is_unrolled(params))
     b, t = input_ids.shape
     total = t + dc.max_new_tokens
     logits, cache, key_mask, positions = _prefill(
@@ -329,10 +330,21 @@ def _beam(model, params, logits, cache, key_mask, positions, seen, prompt_len, d
 
 
 def decode_params(params):
-    """params with the LLM's layers unrolled (a copy of their weights), for generate to run per layer: convert
-    once per loaded model and keep this instead of the stacked params."""
-    llm = params["language_model"]
-    return {**params, "language_model": unroll_layers(llm)} if "layers" in llm else params
+    """params with the layers of the ViT, the Q-Former and the LLM unrolled (a copy of their weights), for generate
+    to run per layer: convert once per loaded model and keep this instead of the stacked params."""
+    if is_unrolled(params):
+        return params
+    return {
+        **params,
+        "vision_model": unroll_layers(params["vision_model"]),
+        "qformer": unroll_layers(params["qformer"], "layer"),
+        "language_model": unroll_layers(params["language_model"]),
+    }
+
+
+def is_unrolled(params) -> bool:
+    """Whether params come from decode_params (ZiyaVisual(unrolled=True) runs them)."""
+    return "layers" not in params["language_model"]
 
 
 def generate(

@@ -393,13 +393,15 @@ def floor_costs(ckpt: str) -> dict:
 
     from ziya_jax.bench.decode import best_of, measure_bandwidth, step_bytes
     from ziya_jax.checkpoint import load_model
+    from ziya_jax.decode import decode_params
     from ziya_jax.serve.engine import _encode_image
 
     params, cfg = load_model(ckpt)
+    params = decode_params(params)  # as the server holds them
     size, per_image = cfg.vision.image_size, []
     for batch in (4, 8, SLOTS):
         pixels = jnp.asarray(np.random.default_rng(0).normal(size=(batch, 1, size, size, 3)).astype(np.float32))
-        encode = lambda: jax.block_until_ready(_encode_image(params, pixels, None, None, cfg=cfg))  # noqa: E731
+        encode = lambda: jax.block_until_ready(_encode_image(params, pixels, None, None, cfg=cfg, unrolled=True))  # noqa: E731
         per_image.append(best_of(encode, 3) / batch)
     return dict(image_s=min(per_image), step_s=step_bytes(cfg) / measure_bandwidth())
 

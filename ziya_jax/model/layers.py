@@ -24,8 +24,9 @@ def logical(init: Callable, axes: tuple) -> Callable:
 
 
 def lora_applies(lora: LoraConfig, path: tuple[str, ...]) -> bool:
-    """Targets name layers in the stack (.../layers/...); an unrolled layer (layers_3) matches as one of it."""
-    path = "/".join(re.sub(r"^layers_\d+$", "layers", p) for p in path)
+    """Targets name layers in a stack (.../layers/..., qformer/layer/...); an unrolled layer (layers_3, qformer's
+    layer_3) matches as one of it."""
+    path = re.sub(r"(^|/)(layers|qformer/layer)_\d+(?=/|$)", r"\1\2", "/".join(path))
     return lora.rank > 0 and any(re.fullmatch(t, path) for t in lora.targets)
 
 
@@ -238,6 +239,15 @@ _REMAT = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+
+
+def unroll_layers(params, key: str = "layers"):
+    """params with the stack under `key` split into {key}_0 ... {key}_{depth-1}, the parameters of a stack's
+    unrolled form (a module per layer). A copy of the layer weights: make it once per loaded model."""
+    layers = params[key]
+    depth = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    rest = {k: v for k, v in params.items() if k != key}
+    return {**rest, **{f"{key}_{i}": jax.tree_util.tree_map(lambda a: a[i], layers) for i in range(depth)}}
 
 
 def scan_layers(block: type[nn.Module], length: int, remat_policy: str, unroll: int, in_axes: tuple, static_argnums=()):

@@ -86,7 +86,7 @@ class LlamaLayer(nn.Module):
 class Llama(nn.Module):
     """LlamaForCausalLM. Parameters: embed_tokens, layers (stacked), norm, lm_head (absent when tied).
 
-    unrolled: one module per layer (parameters layers_0 ... layers_{depth-1}, see unroll_layers; cache a list of
+    unrolled: one module per layer (parameters layers_0 ... layers_{depth-1}, see layers.unroll_layers; cache a list of
     per-layer {'k','v'}), for decoding: each step then reads every weight in place, where the scanned stack
     slices (on CPU: copies) each layer's weights out first.
     """
@@ -191,12 +191,3 @@ def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype=jnp.float32, unr
     if unrolled:
         return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.depth)]
     return {"k": jnp.zeros((cfg.depth, *shape), dtype), "v": jnp.zeros((cfg.depth, *shape), dtype)}
-
-
-def unroll_layers(llm_params):
-    """Llama parameters with the stacked `layers` split into layers_0 ... layers_{depth-1} (Llama(unrolled=True)).
-    A copy of the layer weights: make it once per loaded model."""
-    layers = llm_params["layers"]
-    depth = jax.tree_util.tree_leaves(layers)[0].shape[0]
-    rest = {k: v for k, v in llm_params.items() if k != "layers"}
-    return {**rest, **{f"layers_{i}": jax.tree_util.tree_map(lambda a: a[i], layers) for i in range(depth)}}

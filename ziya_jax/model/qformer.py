@@ -159,7 +159,7 @@ def qformer_mask(num_queries: int, text_mask, mode: str):
 class QFormer(nn.Module):
     """Parameters mirror HF: embeddings/{layernorm, word_embeddings, position_embeddings}, encoder/layer
     (stacked groups), and with pretrain heads the ITG head `cls` (transform + bias, decoder tied to the word
-    embeddings)."""
+    embeddings). unrolled: one module per group (layer_0 ... , see layers.unroll_layers), for decoding."""
 
     cfg: QFormerConfig
     lora: LoraConfig = LoraConfig()
@@ -167,6 +167,7 @@ class QFormer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat_policy: str = "none"
     scan_unroll: int = 1
+    unrolled: bool = False
 
     def setup(self):
         cfg = self.cfg
@@ -181,15 +182,19 @@ class QFormer(nn.Module):
             )
             self.word_embeddings = embed(cfg.vocab_size)
             self.position_embeddings = embed(cfg.max_position_embeddings)
-        stack = scan_layers(
-            QFormerGroup,
-            cfg.depth // cfg.cross_attention_frequency,
-            self.remat_policy,
-            self.scan_unroll,
-            in_axes=(nn.broadcast,) * 4,
-            static_argnums=(2, 5),
-        )
-        self.layer = stack(cfg, self.lora, self.dtype, self.param_dtype)
+        groups, args = cfg.depth // cfg.cross_attention_frequency, (cfg, self.lora, self.dtype, self.param_dtype)
+        if self.unrolled:
+            self.layer = [QFormerGroup(*args) for _ in range(groups)]
+        else:
+            stack = scan_layers(
+                QFormerGroup,
+                groups,
+                self.remat_policy,
+                self.scan_unroll,
+                in_axes=(nn.broadcast,) * 4,
+                static_argnums=(2, 5),
+            )
+            self.layer = stack(*args)
         self.dropout = nn.Dropout(cfg.dropout)
         if cfg.pretrain_heads:
             self.lm_transform = Dense(
@@ -229,7 +234,8 @@ class QFormer(nn.Module):
             text_mask = jnp.ones(text_ids.shape, bool)
         x = self.dropout(self.layernorm(jnp.concatenate(parts, axis=1)), deterministic=deterministic)
         mask = qformer_mask(num_queries, text_mask, mode)
-        x, _ = self.layer(x, num_queries, image_embeds, mask, deterministic)
+        for group in self.layer if self.unrolled else [self.layer]:
+            x, _ = group(x, num_queries, image_embeds, mask, deterministic)
         return x
 
     def text_logits(self, hidden, deterministic: bool = True):

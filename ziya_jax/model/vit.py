@@ -120,7 +120,8 @@ def interpolate_positions(pos, grid: tuple[int, int]):
 
 
 class VisionTransformer(nn.Module):
-    """Returns ln_vision(ViT(pixels)): [B, 1 + patches, width], the Q-Former's cross-attention input."""
+    """Returns ln_vision(ViT(pixels)): [B, 1 + patches, width], the Q-Former's cross-attention input.
+    unrolled: one module per layer (parameters layers_0 ... , see layers.unroll_layers), for decoding."""
 
     cfg: VisionConfig
     lora: LoraConfig = LoraConfig()
@@ -128,19 +129,25 @@ class VisionTransformer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat_policy: str = "none"
     scan_unroll: int = 1
+    unrolled: bool = False
 
     @nn.compact
     def __call__(self, pixels, deterministic: bool = True):
         x = VisionEmbeddings(self.cfg, self.lora, self.dtype, self.param_dtype, name="embeddings")(
             pixels, deterministic
         )
-        stack = scan_layers(
-            VisionLayer,
-            self.cfg.depth,
-            self.remat_policy,
-            self.scan_unroll,
-            in_axes=(nn.broadcast,),
-            static_argnums=(2,),
-        )
-        x, _ = stack(self.cfg, self.lora, self.dtype, self.param_dtype, name="layers")(x, deterministic)
+        args = (self.cfg, self.lora, self.dtype, self.param_dtype)
+        if self.unrolled:
+            for i in range(self.cfg.depth):
+                x, _ = VisionLayer(*args, name=f"layers_{i}")(x, deterministic)
+        else:
+            stack = scan_layers(
+                VisionLayer,
+                self.cfg.depth,
+                self.remat_policy,
+                self.scan_unroll,
+                in_axes=(nn.broadcast,),
+                static_argnums=(2,),
+            )
+            x, _ = stack(*args, name="layers")(x, deterministic)
         return LayerNorm(self.cfg.layer_norm_eps, self.dtype, self.param_dtype, name="post_layernorm")(x)

@@ -31,11 +31,11 @@ def default_positions(attention_mask):
 
 
 class ZiyaVisual(nn.Module):
-    """unrolled_llm: the LLM's layers as separate modules (Llama(unrolled=True)), for ziya_jax.decode on
+    """unrolled: the layers of the ViT, the Q-Former and the LLM as separate modules, for ziya_jax.decode on
     decode_params."""
 
     cfg: ModelConfig
-    unrolled_llm: bool = False
+    unrolled: bool = False
 
     def setup(self):
         cfg = self.cfg
@@ -47,8 +47,8 @@ class ZiyaVisual(nn.Module):
             remat_policy=cfg.remat_policy,
             scan_unroll=cfg.scan_unroll,
         )
-        self.vision_model = VisionTransformer(cfg.vision, **common)
-        self.qformer = QFormer(cfg.qformer, **common)
+        self.vision_model = VisionTransformer(cfg.vision, **common, unrolled=self.unrolled)
+        self.qformer = QFormer(cfg.qformer, **common, unrolled=self.unrolled)
         self.query_tokens = self.param(
             "query_tokens",
             logical(default_init, (None, None, "embed")),
@@ -58,7 +58,7 @@ class ZiyaVisual(nn.Module):
         self.language_projection = Dense(
             cfg.llm.width, ("qformer_embed", "embed"), lora=cfg.lora, dtype=dtype, param_dtype=param_dtype
         )
-        self.language_model = Llama(cfg.llm, **common, unrolled=self.unrolled_llm)
+        self.language_model = Llama(cfg.llm, **common, unrolled=self.unrolled)
         if cfg.qformer.pretrain_heads:
             head = lambda n, axes: Dense(n, axes, lora=cfg.lora, dtype=dtype, param_dtype=param_dtype)
             self.vision_proj = head(cfg.qformer.embed_dim, ("embed", None))

@@ -27,7 +27,7 @@ import numpy as np
 import prometheus_client as prom
 
 from ziya_jax.config import ModelConfig
-from ziya_jax.decode import nucleus
+from ziya_jax.decode import is_unrolled, nucleus
 from ziya_jax.model import ZiyaVisual, default_positions
 from ziya_jax.model.llama import init_cache
 
@@ -134,7 +134,7 @@ class Engine:
         self.decodable = decodable  # ids the tokenizer can decode: [0, decodable)
         self.buckets = buckets(self.context)
         self.metrics = Metrics()
-        self._unrolled = "layers" not in params["language_model"]
+        self._unrolled = is_unrolled(params)
         self._waiting: collections.deque[Request] = collections.deque()
         self._rows: list[Request | None] = [None] * slots
         self._last_token_at = [0.0] * slots
@@ -238,7 +238,9 @@ class Engine:
         if cfg.variant == "chat":
             q = (jnp.asarray(request.qformer_ids)[None], jnp.asarray(request.qformer_mask)[None])
         for k, image in enumerate(request.images):
-            encoded = _encode_image(self.params, jnp.asarray(image)[None, None], *(q or (None, None)), cfg=cfg)
+            encoded = _encode_image(
+                self.params, jnp.asarray(image)[None, None], *(q or (None, None)), cfg=cfg, unrolled=self._unrolled
+            )
             features = jax.lax.dynamic_update_slice_in_dim(features, encoded, k * cfg.num_query_tokens, 1)
         settings = {name: jnp.asarray(v[slot : slot + 1]) for name, v in self._settings.items()}
         return _prefill_into(
@@ -309,15 +311,16 @@ def _sample(logits, settings, steps, decodable):
     return jnp.where(temperature[:, 0] > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _encode_image(params, pixels, qformer_ids, qformer_mask, cfg: ModelConfig):
-    return ZiyaVisual(cfg).apply({"params": params}, pixels, qformer_ids, qformer_mask, method=ZiyaVisual.encode_images)
+@functools.partial(jax.jit, static_argnames=("cfg", "unrolled"))
+def _encode_image(params, pixels, qformer_ids, qformer_mask, cfg: ModelConfig, unrolled: bool):
+    model = ZiyaVisual(cfg, unrolled=unrolled)
+    return model.apply({"params": params}, pixels, qformer_ids, qformer_mask, method=ZiyaVisual.encode_images)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "unrolled"), donate_argnums=(1,))
 def _prefill_into(params, state, slot, ids, length, features, settings, decodable, cfg: ModelConfig, unrolled: bool):
     """Prefill one right-padded prompt [1, bucket] and copy its cache into row `slot`. -> (first token, state)."""
-    model = ZiyaVisual(cfg, unrolled_llm=unrolled)
+    model = ZiyaVisual(cfg, unrolled=unrolled)
     bucket = ids.shape[1]
     mask = (jnp.arange(bucket) < length).astype(jnp.int32)[None]
     embeds = model.apply({"params": params}, ids, features, method=ZiyaVisual.embed_inputs)
@@ -353,7 +356,7 @@ def _prefill_into(params, state, slot, ids, length, features, settings, decodabl
 @functools.partial(jax.jit, static_argnames=("cfg", "unrolled"), donate_argnums=(1,))
 def _decode_step(params, state, settings, decodable, cfg: ModelConfig, unrolled: bool):
     """Every row's newest token into its cache at its own index, and the next token of every row."""
-    model = ZiyaVisual(cfg, unrolled_llm=unrolled)
+    model = ZiyaVisual(cfg, unrolled=unrolled)
     rows = jnp.arange(state["tokens"].shape[0])
     index = jnp.minimum(state["index"], state["key_mask"].shape[1] - 1)  # free rows run on harmlessly
     key_mask = state["key_mask"].at[rows, index].set(1)
