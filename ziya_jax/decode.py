@@ -5,8 +5,9 @@ Beam search follows the semantics of transformers' `generate` (2*K candidates pe
 scored sum(logprobs) / new_length ** length_penalty, the same early-stop heuristic), so results compare token for
 token. Prompts are left-padded (done here from any attention mask); RoPE positions count valid tokens only, so
 each row decodes as it would alone. Shapes are static: one compilation per (batch, prompt length, settings).
-The LLM runs scanned over its stacked layers, or unrolled on per-layer weights when given decode_params(params):
-faster on CPU, where a scanned step copies every layer's weights out of the stack before reading them.
+The model runs scanned over its stacked layers, or unrolled on per-layer weights (the ViT's, the Q-Former's and
+the LLM's) when given decode_params(params): faster on CPU, where a scanned step copies every layer's weights out
+of the stack before reading them.
 """
 
 from __future__ import annotations
