@@ -36,14 +36,19 @@ class APIServer(Server):
     """The server as this module's clients speak to it, with its key."""
 
     def idle(self):
-        """Wait (bounded) until no request runs or waits: an earlier test's clients may have just left."""
+        """Wait until no request runs or waits: an earlier test's clients may have just left."""
+        return self.settle(live=0, waiting=0)
+
+    def settle(self, live: int, waiting: int) -> dict[str, float]:
+        """Wait (bounded) until `live` requests run and `waiting` wait. A stream's first line (the role) is sent
+        before the engine's thread takes the request from its queue, so it does not show that a slot is taken."""
         deadline = time.time() + 30
         while time.time() < deadline:
             m = self.metrics()
-            if m["ziya_live_slots"] == 0 and m["ziya_queue_length"] == 0:
+            if (m["ziya_live_slots"], m["ziya_queue_length"]) == (live, waiting):
                 return m
             time.sleep(0.1)
-        raise AssertionError(f"the server is still busy: {m}")
+        raise AssertionError(f"the server did not reach {live} running and {waiting} waiting: {m}")
 
     def client(self, key=KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120)
@@ -276,7 +281,7 @@ def test_a_client_gone_mid_stream_frees_its_slot(slow_server):
         with client.stream("POST", f"{slow_server.url}/v1/chat/completions", json=long_request(slow_server)) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
-            assert slow_server.metrics()["ziya_live_slots"] == 1
+            slow_server.settle(live=1, waiting=0)
     metrics = slow_server.idle()
     assert metrics[cancelled] == before + 1
     assert metrics.get('ziya_requests_finished_total{reason="length"}', 0) == 0
@@ -287,7 +292,9 @@ def test_a_full_queue_answers_429_with_retry_after(slow_server):
     headers = {"Authorization": f"Bearer {KEY}"}
     with httpx.Client(timeout=60, headers=headers) as a, httpx.Client(timeout=60, headers=headers) as b:
         with a.stream("POST", f"{slow_server.url}/v1/chat/completions", json=long_request(slow_server)) as running:
-            next(running.iter_lines())  # the one slot is taken
+            lines = running.iter_lines()  # held: a dropped iterator closes the connection, which cancels the request
+            next(lines)
+            slow_server.settle(live=1, waiting=0)  # the one slot is taken
             with b.stream("POST", f"{slow_server.url}/v1/chat/completions", json=long_request(slow_server)) as queued:
                 assert queued.status_code == 200  # waits in the queue of one
                 third = httpx.post(
