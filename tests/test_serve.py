@@ -40,7 +40,7 @@ class APIServer(Server):
         return self.settle(live=0, waiting=0)
 
     def settle(self, live: int, waiting: int) -> dict[str, float]:
-        """Wait (bounded) until `live` requests run and `waiting` wait. A stream's first line (the role) is sent
+        """Wait (bounded) until `live` requests run and `waiting` wait. A stream's first line (the role) can be sent
         before the engine's thread takes the request from its queue, so it does not show that a slot is taken."""
         deadline = time.time() + 30
         while time.time() < deadline:
